@@ -1,0 +1,39 @@
+# make serve  - create .venv, install, download Qwen2.5-14B-Instruct if no model is configured, serve on :8000
+# make test   - create .venv, install with test tools, run the tests (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install install-dev serve test tiny-model clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: requirements.txt | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: requirements-dev.txt $(VENV)/.installed
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+serve: $(VENV)/.installed
+	@if [ -z "$$INFERENCE_MODEL_ID" ] && ! grep -qs '^INFERENCE_MODEL_ID=' .env && [ ! -f Qwen-14B/config.json ]; then \
+		echo "No model configured: downloading Qwen/Qwen2.5-14B-Instruct (scripts/download_14b_model.py)"; \
+		$(BIN)/python scripts/download_14b_model.py; \
+	fi
+	$(BIN)/python server_starlette.py
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+tiny-model: $(VENV)/.installed
+	$(BIN)/python scripts/make_tiny_model.py models/tiny
+
+clean:
+	rm -rf $(VENV) .pytest_cache

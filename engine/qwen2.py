@@ -1,0 +1,95 @@
+"""Qwen2-family forward pass over a paged KV cache, reusing the Hugging Face module weights.
+
+The HF model is loaded as usual (``from_pretrained``, NF4 or not); this class runs its layers with our
+own attention so that rows of one batch can sit at different positions and the cache has fixed
+shapes (what continuous batching and CUDA graphs need). Everything else (embeddings, norms, rotary
+embedding with its scaling, the MLP, bitsandbytes linears, lm_head) is the model's own code.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+try:  # the helper lives next to every Qwen2-style model in transformers
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+except ImportError:  # pragma: no cover - very old transformers
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+
+class PagedQwen2:
+    """Adapter that makes a ``Qwen2ForCausalLM`` (or a Llama/Qwen3-shaped model) a paged-cache model."""
+
+    def __init__(self, hf_model: torch.nn.Module) -> None:
+        self.hf = hf_model.eval()
+        cfg = hf_model.config
+        self.config = cfg
+        self.num_layers = cfg.num_hidden_layers
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.vocab_size = cfg.vocab_size
+        emb = hf_model.get_input_embeddings().weight
+        self.device = emb.device
+        self.dtype = emb.dtype
+        if getattr(cfg, "use_sliding_window", False):
+            log.warning("model config enables sliding-window attention; this engine attends to the full context")
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    def allocate_kv_cache(self, num_slots: int) -> None:
+        shape = (self.num_layers, num_slots, self.num_kv_heads, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                block_table: torch.Tensor, block_size: int) -> torch.Tensor:
+        """Logits [B, V] (float32) for the last position of each row.
+
+        input_ids, positions, slot_mapping: [B, T]; block_table: [B, nb]. A row attends to the first
+        ``nb * block_size`` positions of its own blocks, up to and including each query's position.
+        """
+        assert self.k_cache is not None, "allocate_kv_cache() first"
+        model = self.hf.model
+        bsz, seqlen = input_ids.shape
+        ctx = block_table.shape[1] * block_size
+        hidden = model.embed_tokens(input_ids)
+        cos, sin = model.rotary_emb(hidden, positions)
+        key_pos = torch.arange(ctx, device=input_ids.device)
+        mask = (key_pos.view(1, 1, 1, ctx) <= positions.view(bsz, 1, seqlen, 1))
+        slots = slot_mapping.reshape(-1)
+        for i, layer in enumerate(model.layers):
+            residual = hidden
+            x = layer.input_layernorm(hidden)
+            x = self._attention(layer.self_attn, x, cos, sin, mask, slots, block_table, block_size, i)
+            hidden = residual + x
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        last = model.norm(hidden[:, -1, :])
+        return self.hf.lm_head(last).float()
+
+    def _attention(self, attn: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   mask: torch.Tensor, slots: torch.Tensor, block_table: torch.Tensor, block_size: int,
+                   layer_idx: int) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        d, kvh = self.head_dim, self.num_kv_heads
+        q = attn.q_proj(x).view(bsz, seqlen, -1, d)
+        k = attn.k_proj(x).view(bsz, seqlen, kvh, d)
+        v = attn.v_proj(x).view(bsz, seqlen, kvh, d)
+        if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        k_pool, v_pool = self.k_cache[layer_idx], self.v_cache[layer_idx]
+        k_pool.index_copy_(0, slots, k.transpose(1, 2).reshape(-1, kvh, d))
+        v_pool.index_copy_(0, slots, v.reshape(-1, kvh, d))
+        ctx = block_table.shape[1] * block_size
+        k_all = k_pool.view(-1, block_size, kvh, d)[block_table].view(bsz, ctx, kvh, d).transpose(1, 2)
+        v_all = v_pool.view(-1, block_size, kvh, d)[block_table].view(bsz, ctx, kvh, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=attn.scaling,
+                                             enable_gqa=q.shape[1] != kvh)
+        return attn.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, -1))

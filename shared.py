@@ -1,0 +1,323 @@
+"""Process-wide pieces: settings from env/.env, logging, model + tokenizer loading, the runtime state."""
+from __future__ import annotations
+
+import contextvars
+import logging
+import logging.handlers
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # heavy imports happen inside load_model, never at import time
+    from engine import AsyncEngine
+    from tasks import SessionStore
+
+log = logging.getLogger("inference")
+DOWNLOAD_HINT = "python scripts/download_14b_model.py"
+
+
+class ConfigError(Exception):
+    """A setting is invalid or the model cannot be found; the message says which and what to do."""
+
+
+# ---- settings ----------------------------------------------------------------------------------------------
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower() if raw.strip().lower() in allowed else raw.strip()
+        if value not in allowed:
+            raise ValueError(f"allowed values are {', '.join(allowed)}")
+        return value
+    return parse
+
+
+def _int(lo: int, hi: int = 2**62) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError("must be an integer") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return value
+    return parse
+
+
+def _float(lo: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError("must be a number") from None
+        if not value >= lo:
+            raise ValueError(f"must be >= {lo}")
+        return value
+    return parse
+
+
+def _text(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("must not be empty")
+    return raw.strip()
+
+
+def _setting(env: str, parse: Callable[[str], Any], default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"env": env, "parse": parse, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, read once from the environment (and ``.env``). See ``.env.example``."""
+
+    model_id: str = _setting("INFERENCE_MODEL_ID", _text, "./Qwen-14B", "HF model id or local directory")
+    attn_implementation: str = _setting("INFERENCE_ATTN_IMPLEMENTATION", _choice("sdpa", "flash_attention_2"), "sdpa",
+                                        "attention implementation the model is loaded with")
+    bnb_compute_dtype: str = _setting("INFERENCE_BNB_COMPUTE_DTYPE", _choice("bfloat16", "float16"), "bfloat16",
+                                      "compute dtype of the 4-bit layers")
+    quantization: str = _setting("INFERENCE_QUANTIZATION", _choice("auto", "nf4", "none"), "auto",
+                                 "auto = nf4 on CUDA, none on CPU")
+    dtype: str = _setting("INFERENCE_DTYPE", _choice("auto", "float32", "bfloat16", "float16"), "auto",
+                          "weights dtype when not quantized; auto = bfloat16 on CUDA, float32 on CPU")
+    device: str = _setting("INFERENCE_DEVICE", _choice("auto", "cuda", "cpu"), "auto", "auto = cuda when available")
+    host: str = _setting("INFERENCE_HOST", _text, "0.0.0.0", "listen address")
+    port: int = _setting("INFERENCE_PORT", _int(1, 65535), 8000, "listen port")
+    log_file: str = _setting("INFERENCE_LOG_FILE", _text, "inference_server.log", "rotating log file")
+    log_level: str = _setting("INFERENCE_LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO",
+                              "DEBUG also logs prompt text")
+    log_max_bytes: int = _setting("INFERENCE_LOG_MAX_BYTES", _int(1024), 10 * 2**20, "log size before rotating")
+    log_backup_count: int = _setting("INFERENCE_LOG_BACKUP_COUNT", _int(0, 1000), 5, "rotated log files kept")
+    max_new_tokens_cap: int = _setting("INFERENCE_MAX_NEW_TOKENS", _int(1), 8192, "largest max_new_tokens accepted")
+    default_max_new_tokens: int = _setting("INFERENCE_DEFAULT_MAX_NEW_TOKENS", _int(1), 1024,
+                                           "max_new_tokens when a request gives none")
+    max_context: int = _setting("INFERENCE_MAX_CONTEXT", _int(0), 0,
+                                "prompt + new tokens per sequence (0 = the model's own limit)")
+    max_batch: int = _setting("INFERENCE_MAX_BATCH", _int(1, 1024), 32, "sequences decoded together")
+    kv_cache_gb: float = _setting("INFERENCE_KV_CACHE_GB", _float(0.0), 0.0,
+                                  "KV cache size in GiB (0 = auto: most of the free GPU memory)")
+    kv_block_size: int = _setting("INFERENCE_KV_BLOCK_SIZE", _int(1, 4096), 64, "tokens per KV-cache block")
+    prefill_chunk: int = _setting("INFERENCE_PREFILL_CHUNK", _int(1), 512, "prompt tokens per prefill step")
+    max_queue: int = _setting("INFERENCE_MAX_QUEUE", _int(1), 256, "requests waiting for a batch slot")
+    tool_result_timeout_s: float = _setting("INFERENCE_TOOL_RESULT_TIMEOUT_S", _float(0.001), 300.0,
+                                            "how long a task waits for tool_result")
+    session_idle_timeout_s: float = _setting("INFERENCE_SESSION_IDLE_TIMEOUT_S", _float(1.0), 3600.0,
+                                             "idle sessions are deleted after this long")
+    max_sessions: int = _setting("INFERENCE_MAX_SESSIONS", _int(1), 10000, "sessions alive at once")
+    ws_max_message_bytes: int = _setting("INFERENCE_WS_MAX_MESSAGE_BYTES", _int(1024), 16 * 2**20,
+                                         "largest WebSocket message accepted")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, dotenv_path: str | os.PathLike | None = ".env"
+                 ) -> Settings:
+        """Settings from ``environ`` (default: os.environ) over the values of ``dotenv_path``."""
+        from dotenv import dotenv_values
+
+        values: dict[str, str | None] = {}
+        if dotenv_path is not None and Path(dotenv_path).is_file():
+            values.update(dotenv_values(dotenv_path))
+        values.update(os.environ if environ is None else environ)
+        kwargs, problems = {}, []
+        for f in fields(cls):
+            raw = values.get(f.metadata["env"])
+            if raw is None or raw == "":
+                continue
+            try:
+                kwargs[f.name] = f.metadata["parse"](raw)
+            except ValueError as exc:
+                problems.append(f"{f.metadata['env']}={raw!r} is invalid: {exc}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return cls(**kwargs)
+
+    @classmethod
+    def documented(cls) -> list[tuple[str, Any, str]]:
+        """(variable, default, description) for every setting."""
+        return [(f.metadata["env"], f.default, f.metadata["doc"]) for f in fields(cls)]
+
+
+def looks_like_local_path(model_id: str) -> bool:
+    return model_id.startswith((".", "/", "~")) or os.path.exists(model_id) or not re.fullmatch(
+        r"[\w.\-]+/[\w.\-]+", model_id)
+
+
+def check_model_source(settings: Settings) -> None:
+    """Fail early, with the fix, when the configured model directory does not exist."""
+    path = Path(settings.model_id).expanduser()
+    if looks_like_local_path(settings.model_id) and not (path / "config.json").is_file():
+        raise ConfigError(
+            f"INFERENCE_MODEL_ID={settings.model_id!r}: no model directory with a config.json there. Download "
+            f"Qwen2.5-14B-Instruct with `{DOWNLOAD_HINT}` (it also writes .env), or set INFERENCE_MODEL_ID to a "
+            f"local model directory or a Hugging Face id such as Qwen/Qwen2.5-14B-Instruct.")
+
+
+# ---- logging -----------------------------------------------------------------------------------------------
+session_var: contextvars.ContextVar[str] = contextvars.ContextVar("session_id", default="-")
+task_var: contextvars.ContextVar[str] = contextvars.ContextVar("task_id", default="-")
+
+
+class _ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.session_id = session_var.get()
+        record.task_id = task_var.get()
+        return True
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [session=%(session_id)s task=%(task_id)s] %(message)s"
+
+
+def setup_logging(settings: Settings) -> None:
+    """Console + rotating file on the root logger; every line carries the session and task ids."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_inference", False)]:
+        root.removeHandler(handler)
+        handler.close()
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr), logging.handlers.RotatingFileHandler(
+        settings.log_file, maxBytes=settings.log_max_bytes, backupCount=settings.log_backup_count, encoding="utf-8")]
+    for handler in handlers:
+        handler._inference = True  # type: ignore[attr-defined]
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.addFilter(_ContextFilter())
+        root.addHandler(handler)
+    root.setLevel(settings.log_level)
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ---- model loading ---------------------------------------------------------------------------------------------
+@dataclass
+class GenerationDefaults:
+    """Sampling defaults from the model's generation_config.json (Qwen2.5 ships its recommended ones)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class LoadedModel:
+    hf_model: Any
+    tokenizer: Any
+    paged_model: Any  # engine.qwen2.PagedQwen2 (or a test double with the same interface)
+    defaults: GenerationDefaults
+    stop_token_ids: frozenset[int]
+    name: str
+    max_position_embeddings: int
+
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
+
+
+def _resolve_device(settings: Settings) -> str:
+    import torch
+
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("INFERENCE_DEVICE=cuda but no CUDA device is available (allowed values: auto, cuda, cpu)")
+    if settings.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return settings.device
+
+
+def _load_kwargs(settings: Settings, device: str) -> tuple[dict[str, Any], str]:
+    import torch
+
+    quant = settings.quantization
+    if quant == "auto":
+        quant = "nf4" if device == "cuda" else "none"
+    if quant == "nf4" and device != "cuda":
+        raise ConfigError("INFERENCE_QUANTIZATION=nf4 needs a CUDA GPU; use INFERENCE_QUANTIZATION=none on a CPU")
+    kwargs: dict[str, Any] = {"attn_implementation": settings.attn_implementation}
+    if quant == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        compute = getattr(torch, settings.bnb_compute_dtype)
+        kwargs.update(dtype=compute, device_map={"": 0}, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute))
+    else:
+        dtype = settings.dtype if settings.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+        kwargs.update(dtype=getattr(torch, dtype), device_map={"": 0} if device == "cuda" else None)
+    return kwargs, quant
+
+
+def _generation_defaults(generation_config: Any) -> GenerationDefaults:
+    d = GenerationDefaults()
+    for name in ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        value = getattr(generation_config, name, None)
+        if value is not None:
+            setattr(d, name, type(getattr(d, name))(value))
+    return d
+
+
+def _stop_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    for token in (tokenizer.eos_token, "<|im_end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(token) if token else None
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return frozenset(ids)
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """Load the model and tokenizer once (NF4 on CUDA by default) and wrap it for the engine."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.qwen2 import PagedQwen2
+
+    check_model_source(settings)
+    device = _resolve_device(settings)
+    kwargs, quant = _load_kwargs(settings, device)
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(settings.model_id)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"INFERENCE_MODEL_ID={settings.model_id!r}: the tokenizer has no chat template")
+    model = AutoModelForCausalLM.from_pretrained(settings.model_id, **kwargs)
+    if model.config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"INFERENCE_MODEL_ID={settings.model_id!r}: model type {model.config.model_type!r} is not "
+                          f"supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    elapsed = time.perf_counter() - started
+    gpu = (f", GPU memory allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB" if device == "cuda" else "")
+    nparams = sum(p.numel() for p in model.parameters())
+    log.info("loaded %s (%s, %.2fB params, quantization=%s, dtype=%s, attn=%s, device=%s) in %.1f s%s",
+             settings.model_id, model.config.model_type, nparams / 1e9, quant, kwargs["dtype"],
+             settings.attn_implementation, device, elapsed, gpu)
+    return LoadedModel(model, tokenizer, PagedQwen2(model), _generation_defaults(model.generation_config),
+                       _stop_ids(model, tokenizer), Path(settings.model_id).name or settings.model_id,
+                       int(getattr(model.config, "max_position_embeddings", 32768)))
+
+
+def kv_cache_bytes(settings: Settings, paged_model: Any, max_context: int) -> int:
+    """Bytes for the KV pool: the configured size, else most of the free GPU memory, else enough on a CPU."""
+    if settings.kv_cache_gb > 0:
+        return int(settings.kv_cache_gb * 2**30)
+    per_token = paged_model.kv_bytes_per_token()
+    if str(paged_model.device).startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info()
+        headroom = 3 * 2**30  # activations, logits, sampler buffers, CUDA graphs
+        return max(int((free - headroom) * 0.9), max_context * per_token)
+    return min(4 * 2**30, max(max_context * per_token, max_context * per_token * min(settings.max_batch, 8)))
+
+
+# ---- runtime -------------------------------------------------------------------------------------------------
+@dataclass
+class Runtime:
+    """What the transport and the tasks share once the app has started."""
+
+    settings: Settings
+    model: LoadedModel
+    engine: AsyncEngine
+    sessions: SessionStore
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer

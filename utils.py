@@ -1,0 +1,299 @@
+"""Prompt building, streaming text processing (detokenizer, stop strings, tool-call parser) and the
+per-task turn loop ``generate_interactive_stream_ws``."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from engine import ContextLengthExceeded, EngineOverloaded, EngineStopped, FinishReason, RequestStream, SamplingParams
+from models import (ErrorCode, FinalTextParams, FunctionCallRequestParams, GenerateRequestParams, HistoryMessage,
+                    TextChunkParams, ToolCallRequest, ToolDefinition)
+from tasks import Task, TaskFailure, new_id, tool_message
+
+if TYPE_CHECKING:
+    from shared import GenerationDefaults, Runtime
+
+log = logging.getLogger("inference.generate")
+TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+# ---- prompt ---------------------------------------------------------------------------------------------------
+def assistant_message(text: str, calls: Sequence[ToolCallRequest] = ()) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if calls:
+        message["tool_calls"] = [{"id": c.call_id, "type": "function",
+                                  "function": {"name": c.tool, "arguments": c.parameters}} for c in calls]
+    return message
+
+
+def history_to_messages(history: Sequence[HistoryMessage]) -> list[dict[str, Any]]:
+    """Client history -> chat-template messages (tool calls keep their ids so results can refer to them)."""
+    messages = []
+    for m in history:
+        if m.role == "assistant" and m.tool_calls:
+            calls = [ToolCallRequest(call_id=c.call_id or new_id("call-"), tool=c.tool, parameters=c.parameters)
+                     for c in m.tool_calls]
+            messages.append(assistant_message(m.content or "", calls))
+        elif m.role == "tool":
+            messages.append({"role": "tool", "content": m.content, "tool_call_id": m.tool_call_id, "name": m.name})
+        else:
+            messages.append({"role": m.role, "content": m.content})
+    return messages
+
+
+def build_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], tools: Sequence[ToolDefinition]) -> list[int]:
+    """Token ids of the conversation rendered by the model's own chat template, ready for the reply."""
+    encoded = tokenizer.apply_chat_template(messages, tools=[t.for_template() for t in tools] or None,
+                                            add_generation_prompt=True, tokenize=True)
+    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+
+def sampling_params(p: GenerateRequestParams, defaults: GenerationDefaults, max_new_tokens: int,
+                    stop_token_ids: frozenset[int]) -> SamplingParams:
+    """Request values over the model's generation_config defaults; do_sample=false or temperature 0 is greedy."""
+    do_sample = defaults.do_sample if p.do_sample is None else p.do_sample
+    temperature = defaults.temperature if p.temperature is None else p.temperature
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
+        top_p=pick(p.top_p, defaults.top_p) or 1.0, top_k=pick(p.top_k, defaults.top_k),
+        min_p=pick(p.min_p, defaults.min_p), repetition_penalty=pick(p.repetition_penalty, defaults.repetition_penalty),
+        seed=p.seed, stop_token_ids=stop_token_ids)
+
+
+# ---- streaming text ------------------------------------------------------------------------------------------------
+class IncrementalDetokenizer:
+    """Token ids -> text deltas that never split a multi-byte character (TGI's prefix/read offsets)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is left (an incomplete character at the very end decodes as U+FFFD)."""
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix):]
+
+
+def _partial_suffix(text: str, needle: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``needle``."""
+    for k in range(min(len(needle) - 1, len(text)), 0, -1):
+        if text.endswith(needle[:k]):
+            return k
+    return 0
+
+
+class StopMatcher:
+    """Cuts the stream at the first stop string, holding back text that may be the start of one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.buffer = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        if not self.stops:
+            return text
+        self.buffer += text
+        hits = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.buffer, self.stopped = self.buffer[:min(hits)], "", True
+            return out
+        keep = max(_partial_suffix(self.buffer, s) for s in self.stops)
+        out, self.buffer = self.buffer[:len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.buffer = self.buffer, ""
+        return out
+
+
+@dataclass
+class ParsedCall:
+    name: str
+    arguments: dict[str, Any]
+
+
+def parse_tool_call(body: str) -> ParsedCall | None:
+    """The JSON inside ``<tool_call>...</tool_call>``, or None if it is not a well-formed call."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    return ParsedCall(obj["name"], args) if isinstance(args, dict) else None
+
+
+@dataclass
+class ToolCallParser:
+    """Splits the model's text into visible text and ``<tool_call>`` blocks as it streams.
+
+    Text that may be the start of a tag is held back; whitespace around calls is not shown; a block
+    that is not a valid call is shown as the text it was.
+    """
+
+    buffer: str = ""
+    in_call: bool = False
+    calls: list[ParsedCall] = field(default_factory=list)
+
+    def push(self, text: str) -> str:
+        self.buffer += text
+        out: list[str] = []
+        while True:
+            if self.in_call:
+                end = self.buffer.find(TOOL_CLOSE)
+                if end < 0:
+                    break
+                body, self.buffer = self.buffer[:end], self.buffer[end + len(TOOL_CLOSE):].lstrip()
+                self.in_call = False
+                self._close(body, out)
+                continue
+            start = self.buffer.find(TOOL_OPEN)
+            if start >= 0:
+                before = self.buffer[:start]
+                out.append(before.rstrip() if before.strip() else "")
+                self.buffer, self.in_call = self.buffer[start + len(TOOL_OPEN):], True
+                continue
+            # hold back a possible tag start, and trailing whitespace that a call may follow
+            keep = _partial_suffix(self.buffer, TOOL_OPEN)
+            visible = self.buffer[:len(self.buffer) - keep]
+            stripped = visible.rstrip()
+            out.append(stripped)
+            self.buffer = visible[len(stripped):] + self.buffer[len(self.buffer) - keep:]
+            break
+        return "".join(out)
+
+    def _close(self, body: str, out: list[str]) -> None:
+        call = parse_tool_call(body.strip())
+        if call is not None:
+            self.calls.append(call)
+        else:
+            out.append(TOOL_OPEN + body + TOOL_CLOSE)
+
+    def flush(self) -> str:
+        """End of stream: an unterminated call is kept if its JSON is complete, else shown as text."""
+        buffer, self.buffer = self.buffer, ""
+        if not self.in_call:
+            return buffer
+        self.in_call = False
+        call = parse_tool_call(buffer.strip())
+        if call is not None:
+            self.calls.append(call)
+            return ""
+        return TOOL_OPEN + buffer
+
+
+# ---- the turn loop ------------------------------------------------------------------------------------------------
+@dataclass
+class TurnOutput:
+    text: str
+    calls: list[ParsedCall]
+    finish_reason: FinishReason
+
+
+def open_stream(rt: Runtime, task: Task, prompt_ids: list[int]) -> RequestStream:
+    """Submit one model call to the engine, mapping its refusals to JSON-RPC errors."""
+    try:
+        return rt.engine.generate(prompt_ids, task.params, session_key=task.session.session_id)
+    except ContextLengthExceeded as exc:
+        raise TaskFailure(ErrorCode.CONTEXT_LENGTH_EXCEEDED, str(exc),
+                          {"prompt_tokens": exc.prompt_tokens, "max_context": exc.max_context}) from None
+    except EngineOverloaded as exc:
+        raise TaskFailure(ErrorCode.OVERLOADED, f"server overloaded: {exc}; retry later",
+                          {"retry_after_s": 1}) from None
+    except EngineStopped as exc:
+        raise TaskFailure(ErrorCode.ENGINE_UNAVAILABLE, f"engine unavailable: {exc}") from None
+
+
+async def stream_turn(rt: Runtime, task: Task, stream: RequestStream) -> TurnOutput:
+    """Run one model call: stream visible text as ``text_chunk``s, collect tool calls."""
+    detok, stops, parser = IncrementalDetokenizer(rt.tokenizer), StopMatcher(task.stop), ToolCallParser()
+    pieces: list[str] = []
+    reason, completion, first = FinishReason.STOP, 0, True
+
+    def show(text: str) -> None:
+        if text:
+            pieces.append(text)
+            task.emit("text_chunk", TextChunkParams(session_id=task.session.session_id, task_id=task.task_id,
+                                                    chunk=text))
+
+    async with stream:
+        async for event in stream:
+            if event.error is not None:
+                raise TaskFailure(ErrorCode.GENERATION_FAILED, event.error)
+            if first:
+                first = False
+                task.first_token_at = task.first_token_at or time.perf_counter()
+                task.usage.prompt_tokens += event.prompt_tokens
+                task.usage.cached_tokens += event.cached_tokens
+            completion = event.completion_tokens
+            text = "".join(detok.push(t) for t in event.token_ids)
+            show(parser.push(stops.push(text)))
+            if stops.stopped:
+                break
+            if event.finished:
+                reason = event.finish_reason
+    if not stops.stopped:
+        show(parser.push(stops.push(detok.flush())))
+        show(parser.push(stops.flush()))
+    show(parser.flush())
+    task.usage.completion_tokens += completion
+    return TurnOutput("".join(pieces), parser.calls, reason)
+
+
+async def generate_interactive_stream_ws(task: Task, rt: Runtime) -> str:
+    """The turn loop of one task: model call -> (tool calls -> results ->)* final text. Returns the finish reason.
+
+    Each model call's prompt is the whole conversation rendered by the chat template; the engine's warm
+    KV cache makes that cost only the new tokens.
+    """
+    session, texts = task.session, []
+    stream = task.first_stream
+    while True:
+        if stream is None:
+            prompt_ids = build_prompt_ids(rt.tokenizer, session.messages, task.tools)
+            stream = open_stream(rt, task, prompt_ids)
+        task.first_stream = None
+        turn = await stream_turn(rt, task, stream)
+        stream = None
+        texts.append(turn.text)
+        if not turn.calls:
+            session.messages.append(assistant_message(turn.text))
+            task.emit("final_text", FinalTextParams(session_id=session.session_id, task_id=task.task_id,
+                                                    final_text="".join(texts)))
+            return turn.finish_reason.value
+        calls = [ToolCallRequest(call_id=new_id("call-"), tool=c.name, parameters=c.arguments) for c in turn.calls]
+        session.messages.append(assistant_message(turn.text, calls))
+        task.emit("function_call_request", FunctionCallRequestParams(
+            session_id=session.session_id, task_id=task.task_id, tool_calls=calls))
+        log.info("tool calls: %s", ", ".join(c.tool for c in calls))
+        answered = await task.await_tool_results(calls, rt.settings.tool_result_timeout_s)
+        session.messages.extend(tool_message(p.request, p.result) for p in answered)
