@@ -27,9 +27,11 @@ class ConfigError(Exception):
 
 # ---- settings ----------------------------------------------------------------------------------------------
 def _choice(*allowed: str) -> Callable[[str], str]:
+    canonical = {a.lower(): a for a in allowed}
+
     def parse(raw: str) -> str:
-        value = raw.strip().lower() if raw.strip().lower() in allowed else raw.strip()
-        if value not in allowed:
+        value = canonical.get(raw.strip().lower())
+        if value is None:
             raise ValueError(f"allowed values are {', '.join(allowed)}")
         return value
     return parse

@@ -156,12 +156,13 @@ def parse_tool_call(body: str) -> ParsedCall | None:
 class ToolCallParser:
     """Splits the model's text into visible text and ``<tool_call>`` blocks as it streams.
 
-    Text that may be the start of a tag is held back; whitespace around calls is not shown; a block
-    that is not a valid call is shown as the text it was.
+    Text that may be the start of a tag is held back; whitespace between text and calls is not shown;
+    a block that is not a valid call is shown verbatim, as the text it was.
     """
 
     buffer: str = ""
     in_call: bool = False
+    after_call: bool = False  # drop the whitespace that follows a call
     calls: list[ParsedCall] = field(default_factory=list)
 
     def push(self, text: str) -> str:
@@ -172,14 +173,16 @@ class ToolCallParser:
                 end = self.buffer.find(TOOL_CLOSE)
                 if end < 0:
                     break
-                body, self.buffer = self.buffer[:end], self.buffer[end + len(TOOL_CLOSE):].lstrip()
+                body, self.buffer = self.buffer[:end], self.buffer[end + len(TOOL_CLOSE):]
                 self.in_call = False
                 self._close(body, out)
                 continue
+            if self.after_call:
+                self.buffer = self.buffer.lstrip()
+                self.after_call = not self.buffer
             start = self.buffer.find(TOOL_OPEN)
             if start >= 0:
-                before = self.buffer[:start]
-                out.append(before.rstrip() if before.strip() else "")
+                out.append(self.buffer[:start].rstrip())
                 self.buffer, self.in_call = self.buffer[start + len(TOOL_OPEN):], True
                 continue
             # hold back a possible tag start, and trailing whitespace that a call may follow
@@ -195,6 +198,7 @@ class ToolCallParser:
         call = parse_tool_call(body.strip())
         if call is not None:
             self.calls.append(call)
+            self.after_call = True
         else:
             out.append(TOOL_OPEN + body + TOOL_CLOSE)
 
@@ -202,7 +206,7 @@ class ToolCallParser:
         """End of stream: an unterminated call is kept if its JSON is complete, else shown as text."""
         buffer, self.buffer = self.buffer, ""
         if not self.in_call:
-            return buffer
+            return "" if self.after_call else buffer
         self.in_call = False
         call = parse_tool_call(buffer.strip())
         if call is not None:
