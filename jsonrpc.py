@@ -31,6 +31,22 @@ class RpcError(Exception):
         return err
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number out of range: {text}")
+    return value
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json_loads(text: str | bytes) -> Any:
+    """``json.loads`` that refuses what is not JSON (NaN, Infinity) and numbers that overflow a float."""
+    return json.loads(text, parse_float=_finite, parse_constant=_no_constants)
+
+
 def result_response(request_id: Any, result: Any) -> dict[str, Any]:
     return {"jsonrpc": JSONRPC_VERSION, "result": result, "id": request_id}
 
@@ -62,7 +78,7 @@ class Dispatcher:
     async def handle_text(self, text: str, context: Any) -> dict[str, Any] | list[dict[str, Any]] | None:
         """The response(s) to one incoming message, or None when nothing is to be sent back."""
         try:
-            payload = json.loads(text)
+            payload = strict_json_loads(text)
         except (ValueError, RecursionError):
             return error_response(None, RpcError(ErrorCode.PARSE_ERROR, "Parse error: the message is not valid JSON"))
         if isinstance(payload, list):

@@ -47,6 +47,7 @@ class ToolDefinition(BaseModel):
     name: str = Field(pattern=TOOL_NAME_PATTERN)
     description: str = ""
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None  # OpenAI's flag, accepted so that OpenAI-shaped tools validate
 
     @model_validator(mode="before")
     @classmethod
@@ -142,12 +143,12 @@ class GenerateRequestParams(BaseModel):
     history: list[HistoryMessage] | None = Field(default=None, min_length=1)
     tools: list[ToolDefinition] | None = None
     max_new_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     do_sample: bool | None = None
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(default=None, ge=0)
-    min_p: float | None = Field(default=None, ge=0, le=1)
-    repetition_penalty: float | None = Field(default=None, gt=0)
+    min_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     stop: list[str] | None = Field(default=None, max_length=16)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
 

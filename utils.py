@@ -2,7 +2,6 @@
 per-task turn loop ``generate_interactive_stream_ws``."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -10,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from engine import ContextLengthExceeded, EngineOverloaded, EngineStopped, FinishReason, RequestStream, SamplingParams
+from jsonrpc import strict_json_loads
 from models import (ErrorCode, FinalTextParams, FunctionCallRequestParams, GenerateRequestParams, HistoryMessage,
                     TextChunkParams, ToolCallRequest, ToolDefinition)
 from tasks import Task, TaskFailure, new_id, tool_message
@@ -113,12 +113,15 @@ class StopMatcher:
         self.stopped = False
 
     def push(self, text: str) -> str:
+        if self.stopped:
+            return ""
         if not self.stops:
             return text
         self.buffer += text
-        hits = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
+        # the stop that completes first wins, as it would token by token, whatever the chunking
+        hits = [(i + len(s), i) for s in self.stops if (i := self.buffer.find(s)) >= 0]
         if hits:
-            out, self.buffer, self.stopped = self.buffer[:min(hits)], "", True
+            out, self.buffer, self.stopped = self.buffer[:min(hits)[1]], "", True
             return out
         keep = max(_partial_suffix(self.buffer, s) for s in self.stops)
         out, self.buffer = self.buffer[:len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
@@ -138,16 +141,16 @@ class ParsedCall:
 def parse_tool_call(body: str) -> ParsedCall | None:
     """The JSON inside ``<tool_call>...</tool_call>``, or None if it is not a well-formed call."""
     try:
-        obj = json.loads(body)
-    except ValueError:
+        obj = strict_json_loads(body)
+    except (ValueError, RecursionError):
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):
         try:
-            args = json.loads(args)
-        except ValueError:
+            args = strict_json_loads(args)
+        except (ValueError, RecursionError):
             return None
     return ParsedCall(obj["name"], args) if isinstance(args, dict) else None
 
@@ -156,14 +159,18 @@ def parse_tool_call(body: str) -> ParsedCall | None:
 class ToolCallParser:
     """Splits the model's text into visible text and ``<tool_call>`` blocks as it streams.
 
-    Text that may be the start of a tag is held back; whitespace between text and calls is not shown;
-    a block that is not a valid call is shown verbatim, as the text it was.
+    Text that may be the start of a tag is held back. Whitespace is held back too until visible text
+    follows it, and whitespace that only separates text from a call at the start or end of the turn is
+    dropped, so a turn that is just calls shows nothing. A block that is not a valid call is visible
+    text, shown verbatim.
     """
 
     buffer: str = ""
     in_call: bool = False
-    after_call: bool = False  # drop the whitespace that follows a call
     calls: list[ParsedCall] = field(default_factory=list)
+    held_ws: str = ""  # whitespace not shown yet
+    ws_touches_call: bool = False  # a call sits next to the held whitespace
+    shown_any: bool = False
 
     def push(self, text: str) -> str:
         self.buffer += text
@@ -175,44 +182,57 @@ class ToolCallParser:
                     break
                 body, self.buffer = self.buffer[:end], self.buffer[end + len(TOOL_CLOSE):]
                 self.in_call = False
-                self._close(body, out)
+                call = parse_tool_call(body.strip())
+                if call is not None:
+                    self.calls.append(call)
+                    self.ws_touches_call = True
+                else:
+                    self._show(TOOL_OPEN + body + TOOL_CLOSE, out)
                 continue
-            if self.after_call:
-                self.buffer = self.buffer.lstrip()
-                self.after_call = not self.buffer
             start = self.buffer.find(TOOL_OPEN)
             if start >= 0:
-                out.append(self.buffer[:start].rstrip())
+                self._text(self.buffer[:start], out)
                 self.buffer, self.in_call = self.buffer[start + len(TOOL_OPEN):], True
+                self.ws_touches_call = True
                 continue
-            # hold back a possible tag start, and trailing whitespace that a call may follow
-            keep = _partial_suffix(self.buffer, TOOL_OPEN)
-            visible = self.buffer[:len(self.buffer) - keep]
-            stripped = visible.rstrip()
-            out.append(stripped)
-            self.buffer = visible[len(stripped):] + self.buffer[len(self.buffer) - keep:]
+            keep = _partial_suffix(self.buffer, TOOL_OPEN)  # may be the start of a tag
+            self._text(self.buffer[:len(self.buffer) - keep], out)
+            self.buffer = self.buffer[len(self.buffer) - keep:]
             break
         return "".join(out)
 
-    def _close(self, body: str, out: list[str]) -> None:
-        call = parse_tool_call(body.strip())
-        if call is not None:
-            self.calls.append(call)
-            self.after_call = True
-        else:
-            out.append(TOOL_OPEN + body + TOOL_CLOSE)
+    def _text(self, text: str, out: list[str]) -> None:
+        stripped = text.rstrip()
+        if stripped:
+            self._show(stripped, out)
+        self.held_ws += text[len(stripped):]
+
+    def _show(self, text: str, out: list[str]) -> None:
+        lead = len(text) - len(text.lstrip())
+        self.held_ws, text = self.held_ws + text[:lead], text[lead:]
+        if self.shown_any or not self.ws_touches_call:
+            out.append(self.held_ws)
+        out.append(text)
+        self.held_ws, self.ws_touches_call, self.shown_any = "", False, True
 
     def flush(self) -> str:
         """End of stream: an unterminated call is kept if its JSON is complete, else shown as text."""
+        out: list[str] = []
         buffer, self.buffer = self.buffer, ""
-        if not self.in_call:
-            return "" if self.after_call else buffer
-        self.in_call = False
-        call = parse_tool_call(buffer.strip())
-        if call is not None:
-            self.calls.append(call)
-            return ""
-        return TOOL_OPEN + buffer
+        if self.in_call:
+            self.in_call = False
+            call = parse_tool_call(buffer.strip())
+            if call is not None:
+                self.calls.append(call)
+                self.ws_touches_call = True
+            else:
+                self._show(TOOL_OPEN + buffer, out)
+        else:
+            self._text(buffer, out)
+        if not self.ws_touches_call:
+            out.append(self.held_ws)
+        self.held_ws = ""
+        return "".join(out)
 
 
 # ---- the turn loop ------------------------------------------------------------------------------------------------
@@ -237,17 +257,22 @@ def open_stream(rt: Runtime, task: Task, prompt_ids: list[int]) -> RequestStream
         raise TaskFailure(ErrorCode.ENGINE_UNAVAILABLE, f"engine unavailable: {exc}") from None
 
 
-async def stream_turn(rt: Runtime, task: Task, stream: RequestStream) -> TurnOutput:
-    """Run one model call: stream visible text as ``text_chunk``s, collect tool calls."""
+async def stream_turn(rt: Runtime, task: Task, stream: RequestStream, separator: str = "") -> TurnOutput:
+    """Run one model call: stream visible text as ``text_chunk``s, collect tool calls.
+
+    ``separator`` goes before this call's first visible text (a paragraph break after earlier calls' text).
+    """
     detok, stops, parser = IncrementalDetokenizer(rt.tokenizer), StopMatcher(task.stop), ToolCallParser()
     pieces: list[str] = []
     reason, completion, first = FinishReason.STOP, 0, True
 
     def show(text: str) -> None:
+        nonlocal separator
         if text:
             pieces.append(text)
             task.emit("text_chunk", TextChunkParams(session_id=task.session.session_id, task_id=task.task_id,
-                                                    chunk=text))
+                                                    chunk=separator + text))
+            separator = ""
 
     async with stream:
         async for event in stream:
@@ -286,9 +311,10 @@ async def generate_interactive_stream_ws(task: Task, rt: Runtime) -> str:
             prompt_ids = build_prompt_ids(rt.tokenizer, session.messages, task.tools)
             stream = open_stream(rt, task, prompt_ids)
         task.first_stream = None
-        turn = await stream_turn(rt, task, stream)
+        separator = "\n\n" if any(texts) else ""
+        turn = await stream_turn(rt, task, stream, separator)
         stream = None
-        texts.append(turn.text)
+        texts.append(separator + turn.text if turn.text else "")
         if not turn.calls:
             session.messages.append(assistant_message(turn.text))
             task.emit("final_text", FinalTextParams(session_id=session.session_id, task_id=task.task_id,
