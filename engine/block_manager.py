@@ -115,7 +115,7 @@ class BlockManager:
             cached += tail_common
         for _ in range(needed):
             req.block_ids.append(self._take())
-        req.num_computed = req.cached_tokens = cached
+        req.num_computed = cached
         return True
 
     def ensure_slot(self, req: Request) -> bool:

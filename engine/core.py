@@ -96,6 +96,9 @@ class Engine:
         """Queue a request; returns its id. Raises ContextLengthExceeded, EngineOverloaded, EngineStopped."""
         if not prompt_ids:
             raise ValueError("empty prompt")
+        vocab = self.model.vocab_size
+        if not all(0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if len(prompt_ids) >= self.max_context:
             raise ContextLengthExceeded(len(prompt_ids), self.max_context)
         req = Request(list(prompt_ids), params, sink, session_key)
@@ -155,10 +158,16 @@ class Engine:
 
     def step(self) -> None:
         for req in self.scheduler.admit():
+            if req.queued:  # first admission: what the prompt found in the cache (not a re-admission's)
+                req.cached_tokens = req.num_computed
             self._dequeue(req)
-            self.sampler.start_row(req.row, req.tokens)
-            if req.params.seed is not None and req.generator is None:
-                req.generator = self.sampler.make_generator(req.params.seed)
+            try:
+                self.sampler.start_row(req.row, req.tokens)
+                if req.params.seed is not None and req.generator is None:
+                    req.generator = self.sampler.make_generator(req.params.seed)
+            except Exception as exc:
+                log.exception("could not start %s", req.request_id)
+                self._finish(req, FinishReason.ERROR, error=f"could not start the request: {exc!r}")
         step, _preempted = self.scheduler.schedule()
         if step is None:
             return
