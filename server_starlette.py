@@ -207,7 +207,8 @@ def engine_config(settings: Settings, loaded: LoadedModel) -> EngineConfig:
         max_context = loaded.max_position_embeddings
     return EngineConfig(max_running=settings.max_batch, max_context=max_context, block_size=settings.kv_block_size,
                         kv_cache_bytes=kv_cache_bytes(settings, loaded.paged_model, max_context),
-                        prefill_chunk=settings.prefill_chunk, max_queue=settings.max_queue)
+                        prefill_chunk=settings.prefill_chunk, max_queue=settings.max_queue,
+                        cuda_graphs=settings.cuda_graphs == "on")
 
 
 async def _expire_sessions(sessions: SessionStore) -> None:

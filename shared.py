@@ -101,7 +101,10 @@ class Settings:
     kv_cache_gb: float = _setting("INFERENCE_KV_CACHE_GB", _float(0.0), 0.0,
                                   "KV cache size in GiB (0 = auto: most of the free GPU memory)")
     kv_block_size: int = _setting("INFERENCE_KV_BLOCK_SIZE", _int(1, 4096), 64, "tokens per KV-cache block")
-    prefill_chunk: int = _setting("INFERENCE_PREFILL_CHUNK", _int(1), 512, "prompt tokens per prefill step")
+    prefill_chunk: int = _setting("INFERENCE_PREFILL_CHUNK", _int(1), 2048,
+                                  "prompt tokens per prefill step (several prompts can share one)")
+    cuda_graphs: str = _setting("INFERENCE_CUDA_GRAPHS", _choice("on", "off"), "on",
+                                "replay decode steps as CUDA graphs (on CUDA)")
     max_queue: int = _setting("INFERENCE_MAX_QUEUE", _int(1), 256, "requests waiting for a batch slot")
     tool_result_timeout_s: float = _setting("INFERENCE_TOOL_RESULT_TIMEOUT_S", _float(0.001), 300.0,
                                             "how long a task waits for tool_result")

@@ -50,8 +50,10 @@ class EngineConfig:
     block_size: int = 64
     kv_cache_bytes: int = 1 << 30  # KV pool size, unless num_blocks is given
     num_blocks: int = 0
-    prefill_chunk: int = 512  # prompt tokens computed per prefill step
+    prefill_chunk: int = 2048  # prompt tokens per prefill step (all its requests together, padding included)
     max_queue: int = 256  # requests waiting for a slot before submit() refuses more
+    cuda_graphs: bool = True  # replay decode steps as CUDA graphs (on CUDA devices)
+    static_decode: bool = False  # CPU tests: run decode through the padded static buffers graphs use
 
 
 class Engine:
@@ -65,7 +67,9 @@ class Engine:
         if self.max_context < config.max_context:
             log.warning("KV cache holds %d tokens: max context lowered from %d", self.max_context,
                         config.max_context)
-        self.runner = ModelRunner(model, self.blocks, max_blocks_per_seq=self.blocks.blocks_for(self.max_context))
+        self.runner = ModelRunner(model, self.blocks, max_blocks_per_seq=self.blocks.blocks_for(self.max_context),
+                                  max_batch=config.max_running, cuda_graphs=config.cuda_graphs,
+                                  static_decode=config.static_decode)
         self.scheduler = Scheduler(self.blocks, config.max_running, config.prefill_chunk)
         self.sampler = Sampler(model.vocab_size, config.max_running, model.device)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -172,29 +176,33 @@ class Engine:
         if step is None:
             return
         self.steps += 1
+        sampled = [i for i in range(len(step.requests)) if step.completes(i)]
         try:
-            tokens = self._execute(step)
+            tokens = self._execute(step, sampled)
         except Exception as exc:  # fails this step's requests only; the engine goes on
             log.exception("forward step failed (%d requests)", len(step.requests))
             for req in step.requests:
                 self._finish(req, FinishReason.ERROR, error=f"generation failed: {exc!r}")
             return
-        for req in step.requests:
-            req.num_computed += step.prefill_tokens or 1
+        for i, req in enumerate(step.requests):
+            req.num_computed += step.tokens_of(i)
             self.blocks.on_computed(req)
-        for req, token in zip(step.requests, tokens):
-            self._append(req, token)
+        for i, token in zip(sampled, tokens):
+            self._append(step.requests[i], token)
 
-    def _execute(self, step: Step) -> list[int]:
+    def _execute(self, step: Step, sampled: list[int]) -> list[int]:
         reqs = step.requests
         if step.is_prefill:
-            logits = self.runner.prefill(reqs[0], step.prefill_tokens)
+            logits = self.runner.prefill(reqs, step.counts)
         else:
             logits = self.runner.decode(reqs)
-        if not step.samples:
+        if not sampled:
             return []
-        return self.sampler.sample(logits, [r.row for r in reqs], [r.params for r in reqs],
-                                   [r.generator for r in reqs])
+        if len(sampled) < len(reqs):
+            logits = logits[sampled]
+        rows = [reqs[i] for i in sampled]
+        return self.sampler.sample(logits, [r.row for r in rows], [r.params for r in rows],
+                                   [r.generator for r in rows])
 
     def _append(self, req: Request, token: int) -> None:
         params = req.params

@@ -6,6 +6,7 @@ from typing import Protocol
 import torch
 
 from engine.block_manager import SCRATCH_BLOCK, BlockManager
+from engine.cuda_graphs import DecodeGraphs
 from engine.request import Request
 
 
@@ -29,41 +30,52 @@ def bucket(n: int, cap: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: PagedModel, blocks: BlockManager, max_blocks_per_seq: int) -> None:
+    def __init__(self, model: PagedModel, blocks: BlockManager, max_blocks_per_seq: int, max_batch: int,
+                 cuda_graphs: bool = True, static_decode: bool = False) -> None:
         self.model = model
         self.blocks = blocks
         self.block_size = blocks.block_size
         self.max_blocks_per_seq = max_blocks_per_seq
         self.device = model.device
         model.allocate_kv_cache(blocks.num_blocks * blocks.block_size)
+        self.graphs: DecodeGraphs | None = None
+        if static_decode or (cuda_graphs and str(self.device).startswith("cuda")):
+            self.graphs = DecodeGraphs(model, self.block_size, max_batch, max_blocks_per_seq, use_graphs=cuda_graphs)
 
     def _tensor(self, rows: list[list[int]]) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
 
     def _block_table(self, reqs: list[Request], num_blocks: int) -> torch.Tensor:
-        nb = bucket(num_blocks, self.max_blocks_per_seq)
-        return self._tensor([(r.block_ids + [SCRATCH_BLOCK] * nb)[:nb] for r in reqs])
+        return self._tensor([(r.block_ids + [SCRATCH_BLOCK] * num_blocks)[:num_blocks] for r in reqs])
 
-    def prefill(self, req: Request, num_tokens: int) -> torch.Tensor:
-        """Compute KV for the next ``num_tokens`` pending tokens of ``req``; logits of the last one [1, V]."""
-        start = req.num_computed
-        end = start + num_tokens
-        positions = list(range(start, end))
-        return self.model.forward(
-            self._tensor([req.tokens[start:end]]),
-            self._tensor([positions]),
-            self._tensor([[self.blocks.slot(req, p) for p in positions]]),
-            self._block_table([req], self.blocks.blocks_for(end)),
-            self.block_size,
-        )
+    def _context_blocks(self, ends: list[int]) -> int:
+        return bucket(self.blocks.blocks_for(max(ends)), self.max_blocks_per_seq)
+
+    def prefill(self, reqs: list[Request], counts: list[int]) -> torch.Tensor:
+        """Compute KV for the next ``counts[i]`` pending tokens of each request; logits of each row's last [k, V].
+
+        Rows are left-padded to the longest chunk (padding: token 0 at position 0, written to the scratch
+        block), so every row's last real token is the batch's last position.
+        """
+        width = max(counts)
+        ids, positions, slots = [], [], []
+        for req, n in zip(reqs, counts):
+            start, pad = req.num_computed, width - n
+            pos = list(range(start, start + n))
+            ids.append([0] * pad + req.tokens[start:start + n])
+            positions.append([0] * pad + pos)
+            slots.append([SCRATCH_BLOCK] * pad + [self.blocks.slot(req, p) for p in pos])
+        nb = self._context_blocks([r.num_computed + n for r, n in zip(reqs, counts)])
+        return self.model.forward(self._tensor(ids), self._tensor(positions), self._tensor(slots),
+                                  self._block_table(reqs, nb), self.block_size)
 
     def decode(self, reqs: list[Request]) -> torch.Tensor:
         """One token per request (each request's last token); logits [B, V]."""
         positions = [r.num_computed for r in reqs]
-        return self.model.forward(
-            self._tensor([[r.tokens[-1]] for r in reqs]),
-            self._tensor([[p] for p in positions]),
-            self._tensor([[self.blocks.slot(r, p)] for r, p in zip(reqs, positions)]),
-            self._block_table(reqs, self.blocks.blocks_for(max(positions) + 1)),
-            self.block_size,
-        )
+        slots = [self.blocks.slot(r, p) for r, p in zip(reqs, positions)]
+        ids = [r.tokens[-1] for r in reqs]
+        nb = self._context_blocks([p + 1 for p in positions])
+        if self.graphs is not None:
+            return self.graphs.run(ids, positions, slots, [r.block_ids for r in reqs], nb)
+        return self.model.forward(self._tensor([[t] for t in ids]), self._tensor([[p] for p in positions]),
+                                  self._tensor([[s] for s in slots]), self._block_table(reqs, nb), self.block_size)

@@ -54,23 +54,27 @@ class Sampler:
 
     def _sample_rows(self, logits: torch.Tensor, params: list[SamplingParams],
                      generators: list[torch.Generator]) -> torch.Tensor:
+        """HF's order: temperature, top-k, then top-p and min-p on the renormalised top-k distribution."""
         dev = self.device
+        vocab = logits.shape[-1]
+        k = vocab if any(p.top_k == 0 for p in params) else min(vocab, max(p.top_k for p in params))
+        # top-k needs only the k best (cheap on 152K vocabularies); without it, a full sort
+        top, order = logits.topk(k, dim=-1) if k < vocab else logits.sort(dim=-1, descending=True)
         temp = torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
-        probs = torch.softmax(logits / temp, dim=-1)
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        ranks = torch.arange(probs.shape[-1], device=dev).unsqueeze(0)
-        top_k = torch.tensor([p.top_k or probs.shape[-1] for p in params], device=dev).unsqueeze(1)
+        ranks = torch.arange(k, device=dev).unsqueeze(0)
+        top_k = torch.tensor([p.top_k or k for p in params], device=dev).unsqueeze(1)
+        probs = torch.softmax((top / temp).masked_fill(ranks >= top_k, float("-inf")), dim=-1)
         top_p = torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)
         min_p = torch.tensor([p.min_p for p in params], device=dev).unsqueeze(1)
-        drop = ranks >= top_k
-        drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p  # keeps the smallest set reaching top_p
-        drop |= sorted_probs < min_p * sorted_probs[:, :1]
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p  # keeps the smallest set reaching top_p
+        drop |= probs < min_p * probs[:, :1]
         drop[:, 0] = False
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        # Exponential-race sampling (argmax p/E, E ~ Exp(1)) draws from the renormalised distribution and
-        # lets each seeded row draw its noise from its own generator.
-        noise = torch.empty_like(sorted_probs)
+        probs = probs.masked_fill(drop, 0.0)
+        # Exponential-race sampling (argmax p/E, E ~ Exp(1)) draws from the renormalised distribution;
+        # a seeded row draws its noise from its own generator, the others share one draw.
+        noise = torch.empty_like(probs).exponential_(generator=self.default_generator)
         for i, gen in enumerate(generators):
-            noise[i].exponential_(generator=gen)
-        choice = (sorted_probs / noise).argmax(dim=-1, keepdim=True)
+            if gen is not self.default_generator:
+                noise[i].exponential_(generator=gen)
+        choice = (probs / noise).argmax(dim=-1, keepdim=True)
         return order.gather(1, choice).squeeze(1)

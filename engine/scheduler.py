@@ -12,24 +12,28 @@ from engine.request import Request, RequestStatus
 
 @dataclass(frozen=True)
 class Step:
+    """One forward pass: a prefill of ``counts[i]`` tokens of each request, or (counts None) one decode token each."""
+
     requests: list[Request]
-    prefill_tokens: int = 0  # > 0: a prefill chunk of requests[0]; 0: a decode step of all requests
+    counts: list[int] | None = None
 
     @property
     def is_prefill(self) -> bool:
-        return self.prefill_tokens > 0
+        return self.counts is not None
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step ends at each request's last token (so a token is sampled)."""
-        return not self.is_prefill or self.prefill_tokens == self.requests[0].num_pending
+    def tokens_of(self, i: int) -> int:
+        return 1 if self.counts is None else self.counts[i]
+
+    def completes(self, i: int) -> bool:
+        """Whether request i's tokens end at its last token this step (so a token is sampled for it)."""
+        return self.tokens_of(i) == self.requests[i].num_pending
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_running: int, prefill_chunk: int) -> None:
+    def __init__(self, blocks: BlockManager, max_running: int, prefill_budget: int) -> None:
         self.blocks = blocks
         self.max_running = max_running
-        self.prefill_chunk = prefill_chunk
+        self.prefill_budget = prefill_budget  # tokens per prefill step, padding included
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.free_rows = list(range(max_running - 1, -1, -1))
@@ -72,8 +76,7 @@ class Scheduler:
         decodes = [r for r in self.running if r.num_pending == 1]
         if prefills and (not decodes or self._last_was_decode):
             self._last_was_decode = False
-            req = prefills[0]
-            return Step([req], prefill_tokens=min(self.prefill_chunk, req.num_pending)), []
+            return self._prefill_step(prefills), []
         preempted: list[Request] = []
         for req in list(decodes):
             if req in preempted:
@@ -87,6 +90,19 @@ class Scheduler:
         decodes = [r for r in decodes if r not in preempted]
         self._last_was_decode = bool(decodes)
         return (Step(decodes) if decodes else None), preempted
+
+    def _prefill_step(self, prefills: list[Request]) -> Step:
+        """Chunks of the oldest prefilling requests; rows are padded to the longest, so the padded total
+        (rows x longest chunk) stays within the budget."""
+        chosen: list[Request] = []
+        counts: list[int] = []
+        for req in prefills:
+            n = min(req.num_pending, self.prefill_budget)
+            if chosen and (len(chosen) + 1) * max(n, *counts) > self.prefill_budget:
+                break
+            chosen.append(req)
+            counts.append(n)
+        return Step(chosen, counts)
 
     def preempt(self, req: Request) -> None:
         """Give up ``req``'s KV (its full blocks stay cached) and requeue it to be recomputed first."""
