@@ -90,6 +90,12 @@ class PagedQwen2:
         ctx = block_table.shape[1] * block_size
         k_all = k_pool.view(-1, block_size, kvh, d)[block_table].view(bsz, ctx, kvh, d).transpose(1, 2)
         v_all = v_pool.view(-1, block_size, kvh, d)[block_table].view(bsz, ctx, kvh, d).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=attn.scaling,
-                                             enable_gqa=q.shape[1] != kvh)
+        # Grouped-query attention without copying K/V per query head: the query heads that share a KV head
+        # become extra query rows of that head ([B, KVH, G*T, D]), which every SDPA backend that takes a
+        # mask handles (memory-efficient on CUDA), instead of the math fallback that enable_gqa may take.
+        groups = q.shape[1] // kvh
+        q = q.reshape(bsz, kvh, groups * seqlen, d)
+        mask = mask if groups == 1 else mask.repeat(1, 1, groups, 1)
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=attn.scaling)
+        out = out.view(bsz, kvh * groups, seqlen, d)
         return attn.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, -1))

@@ -1,0 +1,409 @@
+"""Benchmark the engine against the seed design (``model.generate`` per request, serially), in one run.
+
+    python scripts/bench.py --random-weights                  # Qwen2.5-14B shape, NF4, on the GPU
+    python scripts/bench.py --model ./Qwen2.5-14B-Instruct    # a real checkpoint, loaded like the server does
+    python scripts/bench.py --size tiny                       # CPU smoke run (what CI does), no speed claims
+
+Prints one JSON object on stdout (progress goes to stderr): TTFT and time-per-output-token p50/p99,
+per-stream and aggregate tok/s for each stream count, the follow-up-turn TTFT with and without the warm
+KV cache, GPU memory, the seed design's figures measured in the same run, the ratios, and (with
+``--server``) the same streams through the real server over WebSockets. Output length is forced
+(EOS ignored) so runs are comparable; with random weights the speed equals the real model's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from engine import Engine, EngineConfig, SamplingParams, TokenEvent  # noqa: E402
+from engine.qwen2 import PagedQwen2  # noqa: E402
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=False),
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
+                num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))] if values else float("nan")
+
+
+def ms(x: float) -> float:
+    return round(x * 1000, 2)
+
+
+# ---- model -----------------------------------------------------------------------------------------------
+def quantize_nf4(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
+    """Swap every decoder nn.Linear for a bitsandbytes Linear4bit (NF4 + double quant), as from_pretrained does."""
+    import bitsandbytes as bnb
+
+    count = 0
+    for layer in model.model.layers:
+        for module in list(layer.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                                          device="meta")
+                    q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True,
+                                                 quant_type="nf4", blocksize=64).to("cuda")
+                    if child.bias is not None:
+                        q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                    setattr(module, name, q)
+                    count += 1
+        torch.cuda.empty_cache()
+    return count
+
+
+def build_random(size: str, device: str, nf4: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    shape = SHAPES[size]
+    config = Qwen2Config(**shape, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+                         initializer_range=0.02 if size != "tiny" else 0.5)
+    config._attn_implementation = "sdpa"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    started = time.perf_counter()
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config).to(dtype).eval()
+    info = {"source": f"random weights, {size} shape", "dtype": str(dtype), "build_s": round(time.perf_counter() - started, 1),
+            "params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3)}
+    if nf4:
+        started = time.perf_counter()
+        info["nf4_linears"] = quantize_nf4(model, dtype)
+        info["quantize_s"] = round(time.perf_counter() - started, 1)
+    return model, info
+
+
+def load_checkpoint(path: str) -> tuple[torch.nn.Module, dict[str, Any], Any]:
+    from shared import Settings, load_model
+
+    loaded = load_model(Settings(model_id=path))
+    return loaded.hf_model, {"source": path}, loaded
+
+
+# ---- the seed design: model.generate per request, serially ---------------------------------------------
+def random_prompt(n: int, vocab: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, max(11, min(vocab, 100000) - 10), (n,), generator=g).tolist()
+
+
+def seed_design(model: torch.nn.Module, prompt_len: int, new: int, requests: int, vocab: int) -> dict[str, Any]:
+    from transformers import GenerationConfig
+
+    device = model.get_input_embeddings().weight.device
+
+    def timed(ids: torch.Tensor, n: int) -> float:
+        gc = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        sync()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+        sync()
+        return time.perf_counter() - t
+
+    ids = torch.tensor([random_prompt(prompt_len, vocab, 999)], device=device)
+    timed(ids, 2)  # warm-up
+    ttfts, totals = [], []
+    for i in range(requests):
+        ids = torch.tensor([random_prompt(prompt_len, vocab, 1000 + i)], device=device)
+        ttfts.append(timed(ids, 1))
+        totals.append(timed(ids, new))
+    ttft, total = statistics.median(ttfts), statistics.median(totals)
+    return {"requests_measured": requests, "ttft_ms": ms(ttft), "request_s": round(total, 3),
+            "tpot_ms": ms((total - ttft) / max(1, new - 1)), "tok_s": round(new / total, 2)}
+
+
+def serial_figures(seed: dict[str, Any], streams: int) -> dict[str, Any]:
+    """N requests served one after another: the k-th waits for k-1 whole requests before its first token."""
+    ttfts = [seed["ttft_ms"] + k * seed["request_s"] * 1000 for k in range(streams)]
+    return {"ttft_p50_ms": round(pct(ttfts, 50), 1), "ttft_p99_ms": round(pct(ttfts, 99), 1),
+            "aggregate_tok_s": seed["tok_s"], "per_stream_tok_s": round(1000 / seed["tpot_ms"], 2)}
+
+
+# ---- the engine -------------------------------------------------------------------------------------------
+class Stream:
+    """Tokens and their timestamps of one request, recorded on the engine thread."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self.final: TokenEvent | None = None
+        self.done = threading.Event()
+        self.submitted = 0.0
+
+    def __call__(self, event: TokenEvent) -> None:
+        now = time.perf_counter()
+        self.times.extend([now] * len(event.token_ids))
+        self.tokens.extend(event.token_ids)
+        if event.finished:
+            self.final = event
+            self.done.set()
+
+
+def run_streams(engine: Engine, n: int, prompts: list[list[int]], new: int, session: str | None = None,
+                timeout: float = 900) -> dict[str, Any]:
+    streams = [Stream() for _ in range(n)]
+    params = SamplingParams(max_new_tokens=new, ignore_eos=True)
+    started = time.perf_counter()
+    for i, stream in enumerate(streams):
+        stream.submitted = time.perf_counter()
+        engine.submit(prompts[i], params, stream, session_key=session)
+    for stream in streams:
+        if not stream.done.wait(timeout):
+            raise TimeoutError("a stream did not finish")
+    wall = time.perf_counter() - started
+    bad = [s.final.error or s.final.finish_reason.value for s in streams if len(s.times) != new]
+    if bad:
+        raise RuntimeError(f"streams ended early: {bad[:3]}")
+    ttfts = [s.times[0] - s.submitted for s in streams]
+    tpots = [(s.times[-1] - s.times[0]) / max(1, new - 1) for s in streams]
+    return {"streams": n, "ttft_p50_ms": ms(pct(ttfts, 50)), "ttft_p99_ms": ms(pct(ttfts, 99)),
+            "tpot_p50_ms": ms(pct(tpots, 50)), "tpot_p99_ms": ms(pct(tpots, 99)),
+            "per_stream_tok_s": round(statistics.mean(1 / t for t in tpots), 2),
+            "aggregate_tok_s": round(n * new / wall, 2), "wall_s": round(wall, 3),
+            "cached_tokens": [s.final.cached_tokens for s in streams][:4]}
+
+
+def followup(engine: Engine, context: int, new: int, vocab: int) -> dict[str, Any]:
+    """A 50-token follow-up turn on a long session: warm (the session's KV reused) vs cold (recomputed)."""
+    first = random_prompt(context, vocab, 7)
+    turn1 = Stream()
+    engine.submit(first, SamplingParams(max_new_tokens=16, ignore_eos=True), turn1, session_key="bench-session")
+    turn1.done.wait(600)
+    history = first + turn1.tokens  # what the conversation holds after the first turn
+    follow = history + random_prompt(new, vocab, 8)
+    warm = run_streams(engine, 1, [follow], 8, session="bench-session")
+    cold_prompt = random_prompt(len(follow), vocab, 9)  # same length, nothing cached
+    cold = run_streams(engine, 1, [cold_prompt], 8)
+    return {"context_tokens": len(follow), "new_tokens": new, "ttft_warm_ms": warm["ttft_p50_ms"],
+            "ttft_cold_ms": cold["ttft_p50_ms"], "cached_tokens_warm": warm["cached_tokens"][0],
+            "speedup": round(cold["ttft_p50_ms"] / max(1e-6, warm["ttft_p50_ms"]), 2)}
+
+
+def make_engine(model: PagedQwen2, streams: list[int], max_context: int, graphs: bool, prefill: int,
+                kv_tokens: int) -> Engine:
+    config = EngineConfig(max_running=max(streams), max_context=max_context, block_size=64,
+                          kv_cache_bytes=kv_tokens * model.kv_bytes_per_token(), prefill_chunk=prefill,
+                          max_queue=4 * max(streams) + 16, cuda_graphs=graphs)
+    engine = Engine(model, config)
+    engine.start()
+    return engine
+
+
+def engine_section(paged: PagedQwen2, args: argparse.Namespace, seed: dict[str, Any] | None,
+                   out: dict[str, Any]) -> None:
+    vocab = paged.vocab_size
+    kv_tokens = max(args.streams) * (args.prompt_len + args.new_tokens + 128) + 2 * (args.followup_context + 256)
+    max_context = max(args.prompt_len + args.new_tokens, args.followup_context + 128) + 64
+    engine = make_engine(paged, args.streams, max_context, not args.no_graphs, args.prefill_chunk, kv_tokens)
+    try:
+        runs: dict[str, Any] = {}
+        for n in args.streams:
+            log(f"engine: {n} streams x ({args.prompt_len} prompt + {args.new_tokens} new), warm-up then measured")
+            run_streams(engine, n, [random_prompt(args.prompt_len, vocab, 50_000 + i) for i in range(n)],
+                        args.new_tokens)  # captures this batch size's graphs; its prompts are not reused below
+            result = run_streams(engine, n, [random_prompt(args.prompt_len, vocab, 60_000 + 100 * n + i)
+                                             for i in range(n)], args.new_tokens)
+            if seed is not None:
+                serial = serial_figures(seed, n)
+                result["seed_design"] = serial
+                result["aggregate_vs_seed"] = round(result["aggregate_tok_s"] / serial["aggregate_tok_s"], 2)
+                result["ttft_p99_vs_seed"] = round(result["ttft_p99_ms"] / serial["ttft_p99_ms"], 3)
+            runs[str(n)] = result
+            out["engine"] = runs
+        if args.followup_context:
+            log(f"follow-up turn on a {args.followup_context}-token session")
+            out["followup"] = followup(engine, args.followup_context, args.followup_new, vocab)
+        graphs = engine.runner.graphs
+        out["engine_info"] = {"cuda_graphs": bool(graphs and graphs.use_graphs),
+                              "graphs_captured": len(graphs.graphs) if graphs else 0,
+                              "graph_capture_s": round(graphs.capture_seconds, 2) if graphs else 0,
+                              "kv_blocks": engine.blocks.num_usable, "prefill_budget": args.prefill_chunk}
+    finally:
+        engine.stop()
+
+
+# ---- the whole server path ------------------------------------------------------------------------------------
+def server_section(hf_model: torch.nn.Module, paged: PagedQwen2, args: argparse.Namespace, loaded: Any) -> dict:
+    """The same streams over real WebSockets vs straight into the same server's engine."""
+    import asyncio
+    import importlib.util
+    import tempfile
+    import urllib.request
+
+    import uvicorn
+    from websockets.asyncio.client import connect
+
+    from server_starlette import create_app
+    from shared import GenerationDefaults, LoadedModel, Settings
+
+    if loaded is None:  # random weights: a tokenizer trained here, sampling restricted to its vocabulary
+        spec = importlib.util.spec_from_file_location("mtm", Path(__file__).with_name("make_tiny_model.py"))
+        mtm = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mtm)
+        tmp = Path(tempfile.mkdtemp())
+        mtm.save_tokenizer(mtm.train_tokenizer(1024), tmp, model_max_length=32768)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+        paged.vocab_size = min(paged.vocab_size, len(tokenizer))
+        loaded = LoadedModel(hf_model, tokenizer, paged, GenerationDefaults(), frozenset(), "bench", 32768)
+    else:
+        loaded = LoadedModel(loaded.hf_model, loaded.tokenizer, paged, GenerationDefaults(), frozenset(),
+                             loaded.name, loaded.max_position_embeddings)
+    n, new = args.server_streams, args.new_tokens
+    kv_gb = n * (args.prompt_len * 2 + new + 512) * paged.kv_bytes_per_token() / 2**30
+    settings = Settings(model_id="bench", max_batch=n, kv_cache_gb=max(kv_gb, 0.01), kv_block_size=64,
+                        max_context=args.prompt_len * 2 + new + 512, log_file=os.devnull, log_level="WARNING",
+                        cuda_graphs="off" if args.no_graphs else "on", prefill_chunk=args.prefill_chunk)
+    app = create_app(settings, loader=lambda s: loaded)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    base = f"127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    tok = loaded.tokenizer
+    texts = [tok.decode(random_prompt(args.prompt_len, len(tok) - 30, 70_000 + i)) for i in range(n)]
+
+    async def one(text: str) -> tuple[float, float, float, int]:
+        req = urllib.request.Request(f"http://{base}/create_session", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+        sid = json.load(urllib.request.urlopen(req))["session_id"]
+        async with connect(f"ws://{base}/ws/{sid}", max_size=None) as ws:
+            sent = time.perf_counter()
+            await ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "generate", "params": {
+                "history": [{"role": "user", "content": text}], "max_new_tokens": new, "do_sample": False}}))
+            first = last = 0.0
+            async for raw in ws:
+                msg = json.loads(raw)
+                if msg.get("method") == "text_chunk":
+                    last = time.perf_counter()
+                    first = first or last
+                elif msg.get("method") == "end":
+                    return sent, first, last, msg["params"]["usage"]["completion_tokens"]
+        raise RuntimeError("no end")
+
+    async def all_streams() -> list[tuple[float, float, float, int]]:
+        return await asyncio.gather(*(one(t) for t in texts))
+
+    try:
+        engine = app.state.runtime.engine.engine
+        prompts = [tok.encode(t) for t in texts]
+        run_streams(engine, n, prompts, new)  # warm-up (graphs for this batch size)
+        direct = run_streams(engine, n, [p[:-1] + [p[-1]] for p in prompts], new)
+        asyncio.run(all_streams())  # warm-up of the socket path
+        results = asyncio.run(all_streams())
+        tpots = [(last - first) / max(1, count - 1) for _, first, last, count in results]
+        ttfts = [first - sent for sent, first, _, _ in results]
+        ws_tpot = pct(tpots, 50)
+        return {"streams": n, "ws_ttft_p50_ms": ms(pct(ttfts, 50)), "ws_tpot_p50_ms": ms(ws_tpot),
+                "engine_tpot_p50_ms": direct["tpot_p50_ms"],
+                "transport_overhead_pct": round((ws_tpot * 1000 / direct["tpot_p50_ms"] - 1) * 100, 2)}
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+# ---- main ------------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--random-weights", action="store_true", help="random weights of --size's shape (default)")
+    src.add_argument("--model", help="a model directory or HF id, loaded like the server loads it")
+    p.add_argument("--size", choices=sorted(SHAPES), default=None, help="shape for random weights "
+                   "(default: 14b on CUDA, tiny on the CPU)")
+    p.add_argument("--streams", default=None, help="comma-separated stream counts (default 1,8,32,64; CPU 1,8)")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--followup-context", type=int, default=4000, help="0 skips the follow-up-turn measurement")
+    p.add_argument("--followup-new", type=int, default=50)
+    p.add_argument("--baseline-requests", type=int, default=2, help="seed-design requests measured (0 skips)")
+    p.add_argument("--prefill-chunk", type=int, default=2048)
+    p.add_argument("--no-graphs", action="store_true", help="eager decode (to measure what graphs buy)")
+    p.add_argument("--server", action="store_true", help="also measure the whole server path over WebSockets")
+    p.add_argument("--server-streams", type=int, default=8)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--out", help="also write the JSON here")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    args.size = args.size or ("14b" if cuda else "tiny")
+    args.streams = [int(s) for s in (args.streams or ("1,8,32,64" if cuda else "1,8")).split(",")]
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if cuda else f"cpu ({torch.get_num_threads()} threads)",
+                           "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()}, "errors": {}}
+    loaded = None
+    if args.model:
+        hf_model, info, loaded = load_checkpoint(args.model)
+    else:
+        hf_model, info = build_random(args.size, "cuda" if cuda else "cpu", nf4=cuda)
+    out["model"] = info
+    if cuda:
+        out["gpu_memory_weights_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+    paged = PagedQwen2(hf_model)
+    log(f"model ready: {info}")
+
+    def section(name: str, fn: Any) -> Any:
+        try:
+            return fn()
+        except Exception as exc:  # keep the other sections' figures
+            out["errors"][name] = f"{type(exc).__name__}: {exc}"[:500]
+            log(f"{name} failed:\n{traceback.format_exc()}")
+            return None
+
+    seed = None
+    if args.baseline_requests:
+        log(f"seed design: model.generate, {args.baseline_requests} requests, serially")
+        seed = section("seed_design", lambda: seed_design(hf_model, args.prompt_len, args.new_tokens,
+                                                           args.baseline_requests, paged.vocab_size))
+        out["seed_design"] = seed
+    section("engine", lambda: engine_section(paged, args, seed, out))
+    if args.server:
+        log(f"server path: {args.server_streams} streams over WebSockets")
+        out["server"] = section("server", lambda: server_section(hf_model, paged, args, loaded))
+    if cuda:
+        out["gpu_memory_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    text = json.dumps(out, indent=1)
+    print(text, flush=True)
+    if args.out:
+        Path(args.out).write_text(text)
+    return out
+
+
+if __name__ == "__main__":
+    main()
