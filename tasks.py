@@ -60,6 +60,10 @@ class Session:
         if self.emitter is not None:
             self.emitter(notification(method, params))
 
+    def emit_raw(self, method: str, params: dict[str, Any]) -> None:
+        if self.emitter is not None:
+            self.emitter({"jsonrpc": "2.0", "method": method, "params": params})
+
 
 @dataclass
 class PendingCall:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from engine import ContextLengthExceeded, EngineOverloaded, EngineStopped, FinishReason, RequestStream, SamplingParams
 from jsonrpc import strict_json_loads
 from models import (ErrorCode, FinalTextParams, FunctionCallRequestParams, GenerateRequestParams, HistoryMessage,
-                    TextChunkParams, ToolCallRequest, ToolDefinition)
+                    ToolCallRequest, ToolDefinition)
 from tasks import Task, TaskFailure, new_id, tool_message
 
 if TYPE_CHECKING:
@@ -270,8 +270,9 @@ async def stream_turn(rt: Runtime, task: Task, stream: RequestStream, separator:
         nonlocal separator
         if text:
             pieces.append(text)
-            task.emit("text_chunk", TextChunkParams(session_id=task.session.session_id, task_id=task.task_id,
-                                                    chunk=separator + text))
+            # the hottest notification: built as a plain dict (same shape as models.TextChunkParams)
+            task.session.emit_raw("text_chunk", {"session_id": task.session.session_id, "task_id": task.task_id,
+                                                 "chunk": separator + text})
             separator = ""
 
     async with stream:

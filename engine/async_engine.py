@@ -2,10 +2,48 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
 from collections.abc import AsyncIterator
 
 from engine.core import Engine
 from engine.request import SamplingParams, TokenEvent
+
+
+class _Wakeups:
+    """Delivers events from the engine thread to one event loop with one wake-up per batch of events
+    (one per engine step) instead of one per token per request."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue[TokenEvent], TokenEvent]] = []
+
+    def push(self, queue: asyncio.Queue[TokenEvent], event: TokenEvent) -> None:  # engine thread
+        with self.lock:
+            self.pending.append((queue, event))
+            if len(self.pending) > 1:
+                return  # a flush is already scheduled
+        try:
+            self.loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            with self.lock:
+                self.pending.clear()
+
+    def _flush(self) -> None:  # event loop
+        with self.lock:
+            items, self.pending = self.pending, []
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
+_wakeups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Wakeups] = weakref.WeakKeyDictionary()
+
+
+def _wakeups_for(loop: asyncio.AbstractEventLoop) -> _Wakeups:
+    if loop not in _wakeups:
+        _wakeups[loop] = _Wakeups(loop)
+    return _wakeups[loop]
 
 
 class RequestStream:
@@ -17,16 +55,13 @@ class RequestStream:
 
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
         self._engine = engine
-        self._loop = loop
+        self._wakeups = _wakeups_for(loop)
         self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.request_id = ""
         self.finished = False
 
     def _sink(self, event: TokenEvent) -> None:  # engine thread
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
+        self._wakeups.push(self._queue, event)
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
         while not self.finished:

@@ -254,13 +254,11 @@ def engine_section(paged: PagedQwen2, args: argparse.Namespace, seed: dict[str, 
 # ---- the whole server path ------------------------------------------------------------------------------------
 def server_section(hf_model: torch.nn.Module, paged: PagedQwen2, args: argparse.Namespace, loaded: Any) -> dict:
     """The same streams over real WebSockets vs straight into the same server's engine."""
-    import asyncio
     import importlib.util
+    import subprocess
     import tempfile
-    import urllib.request
 
     import uvicorn
-    from websockets.asyncio.client import connect
 
     from server_starlette import create_app
     from shared import GenerationDefaults, LoadedModel, Settings
@@ -294,11 +292,46 @@ def server_section(hf_model: torch.nn.Module, paged: PagedQwen2, args: argparse.
     tok = loaded.tokenizer
     texts = [tok.decode(random_prompt(args.prompt_len, len(tok) - 30, 70_000 + i)) for i in range(n)]
 
-    async def one(text: str) -> tuple[float, float, float, int]:
-        req = urllib.request.Request(f"http://{base}/create_session", data=b"{}", method="POST",
+    try:
+        engine = app.state.runtime.engine.engine
+        prompts = [tok.encode(t) for t in texts]
+        run_streams(engine, n, prompts, new)  # warm-up (graphs for this batch size)
+        direct = run_streams(engine, n, [p[:-1] + [p[-1]] for p in prompts], new)
+        # the clients run in their own process, as real clients do (not competing for this one's GIL)
+        texts_file = Path(tempfile.mkdtemp()) / "texts.json"
+        texts_file.write_text(json.dumps(texts))
+        command = [sys.executable, __file__, "--ws-client", f"http://{base}", "--texts", str(texts_file),
+                   "--new-tokens", str(new)]
+        def clients() -> list[dict[str, float]]:
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"WebSocket clients failed: {done.stderr[-800:]}")
+            return json.loads(done.stdout)
+
+        clients()  # warm-up of the socket path
+        results = clients()
+        ws_tpot = pct([r["tpot"] for r in results], 50)
+        return {"streams": n, "ws_ttft_p50_ms": ms(pct([r["ttft"] for r in results], 50)),
+                "ws_tpot_p50_ms": ms(ws_tpot), "engine_tpot_p50_ms": direct["tpot_p50_ms"],
+                "transport_overhead_pct": round((ws_tpot * 1000 / direct["tpot_p50_ms"] - 1) * 100, 2),
+                "client": "separate process, one WebSocket per stream"}
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def ws_client(base_url: str, texts: list[str], new: int) -> list[dict[str, float]]:
+    """One session and socket per text, all at once: TTFT and time per output token as a client sees them."""
+    import asyncio
+    import urllib.request
+
+    from websockets.asyncio.client import connect
+
+    async def one(text: str) -> dict[str, float]:
+        req = urllib.request.Request(f"{base_url}/create_session", data=b"{}", method="POST",
                                      headers={"Content-Type": "application/json"})
         sid = json.load(urllib.request.urlopen(req))["session_id"]
-        async with connect(f"ws://{base}/ws/{sid}", max_size=None) as ws:
+        async with connect(base_url.replace("http", "ws", 1) + f"/ws/{sid}", max_size=None) as ws:
             sent = time.perf_counter()
             await ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "generate", "params": {
                 "history": [{"role": "user", "content": text}], "max_new_tokens": new, "do_sample": False}}))
@@ -309,28 +342,14 @@ def server_section(hf_model: torch.nn.Module, paged: PagedQwen2, args: argparse.
                     last = time.perf_counter()
                     first = first or last
                 elif msg.get("method") == "end":
-                    return sent, first, last, msg["params"]["usage"]["completion_tokens"]
-        raise RuntimeError("no end")
+                    count = msg["params"]["usage"]["completion_tokens"]
+                    return {"ttft": first - sent, "tpot": (last - first) / max(1, count - 1)}
+        raise RuntimeError("no end notification")
 
-    async def all_streams() -> list[tuple[float, float, float, int]]:
-        return await asyncio.gather(*(one(t) for t in texts))
+    async def all_streams() -> list[dict[str, float]]:
+        return list(await asyncio.gather(*(one(t) for t in texts)))
 
-    try:
-        engine = app.state.runtime.engine.engine
-        prompts = [tok.encode(t) for t in texts]
-        run_streams(engine, n, prompts, new)  # warm-up (graphs for this batch size)
-        direct = run_streams(engine, n, [p[:-1] + [p[-1]] for p in prompts], new)
-        asyncio.run(all_streams())  # warm-up of the socket path
-        results = asyncio.run(all_streams())
-        tpots = [(last - first) / max(1, count - 1) for _, first, last, count in results]
-        ttfts = [first - sent for sent, first, _, _ in results]
-        ws_tpot = pct(tpots, 50)
-        return {"streams": n, "ws_ttft_p50_ms": ms(pct(ttfts, 50)), "ws_tpot_p50_ms": ms(ws_tpot),
-                "engine_tpot_p50_ms": direct["tpot_p50_ms"],
-                "transport_overhead_pct": round((ws_tpot * 1000 / direct["tpot_p50_ms"] - 1) * 100, 2)}
-    finally:
-        server.should_exit = True
-        thread.join(60)
+    return asyncio.run(all_streams())
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
@@ -353,6 +372,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-streams", type=int, default=8)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--ws-client", help=argparse.SUPPRESS)  # internal: run the WebSocket clients against this URL
+    p.add_argument("--texts", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     args.size = args.size or ("14b" if cuda else "tiny")
@@ -362,6 +383,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.ws_client:
+        results = ws_client(args.ws_client, json.loads(Path(args.texts).read_text()), args.new_tokens)
+        print(json.dumps(results))
+        return {}
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()

@@ -1,0 +1,86 @@
+"""GPU-only checks (run on a CUDA machine: `pytest -m gpu tests/test_gpu.py`, or scripts/gpu_check.sh)."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _run(engine, prompts, new):
+    from engine import SamplingParams
+
+    results, done = {}, threading.Event()
+
+    def sink_for(i):
+        tokens = []
+
+        def sink(event):
+            tokens.extend(event.token_ids)
+            if event.finished:
+                results[i] = (tokens, event.finish_reason, event.error)
+                if len(results) == len(prompts):
+                    done.set()
+        return sink
+
+    for i, p in enumerate(prompts):
+        engine.submit(p, SamplingParams(max_new_tokens=new, ignore_eos=True), sink_for(i))
+    assert done.wait(300)
+    return [results[i] for i in range(len(prompts))]
+
+
+def test_cuda_graph_decode_gives_the_eager_tokens(tiny_model_dir):
+    """The same greedy tokens with decode replayed from CUDA graphs as with eager decode, batched."""
+    from transformers import AutoModelForCausalLM
+
+    from engine import Engine, EngineConfig
+    from engine.qwen2 import PagedQwen2
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).cuda().eval()
+    prompts = [[(7 * i + j) % 1000 for j in range(5 + 9 * i)] for i in range(5)]
+    outputs = {}
+    for graphs in (False, True):
+        engine = Engine(PagedQwen2(model), EngineConfig(max_running=8, max_context=512, block_size=16,
+                                                        num_blocks=200, cuda_graphs=graphs))
+        engine.start()
+        try:
+            outputs[graphs] = _run(engine, prompts, 24)
+            if graphs:
+                assert engine.runner.graphs.use_graphs and len(engine.runner.graphs.graphs) >= 1
+        finally:
+            engine.stop()
+    assert [o[0] for o in outputs[True]] == [o[0] for o in outputs[False]]
+    assert all(len(o[0]) == 24 for o in outputs[True])
+
+
+def test_nf4_from_pretrained_with_the_real_14b_layer_shapes(tmp_path):
+    """A random model with Qwen2.5-14B's layer shapes (2 layers), saved and loaded through the server's NF4
+    from_pretrained path, serves a request through the engine."""
+    import importlib.util
+
+    from conftest import REPO_ROOT
+    from engine import Engine, EngineConfig
+    from shared import Settings, load_model
+
+    spec = importlib.util.spec_from_file_location("mtm", REPO_ROOT / "scripts" / "make_tiny_model.py")
+    mtm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mtm)
+    path = mtm.build_tiny_model(tmp_path / "m14", hidden_size=5120, num_layers=2, num_heads=40, num_kv_heads=8,
+                                intermediate_size=13824, initializer_range=0.02, max_position_embeddings=32768)
+    loaded = load_model(Settings(model_id=str(path), quantization="nf4"))
+    import bitsandbytes as bnb
+
+    attn = loaded.hf_model.model.layers[0].self_attn
+    assert isinstance(attn.q_proj, bnb.nn.Linear4bit) and attn.q_proj.weight.quant_type == "nf4"
+    assert torch.cuda.memory_allocated() < 2 * 2**30
+    engine = Engine(loaded.paged_model, EngineConfig(max_running=4, max_context=4096, block_size=64,
+                                                     kv_cache_bytes=2**30))
+    engine.start()
+    try:
+        [(tokens, reason, error)] = _run(engine, [list(range(100, 400))], 16)
+    finally:
+        engine.stop()
+    assert error is None and len(tokens) == 16
