@@ -126,8 +126,11 @@ class HistoryMessage(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _tool_content_as_text(cls, value: Any) -> Any:
-        if isinstance(value, dict) and value.get("role") == "tool" and not isinstance(value.get("content"), (str, type(None))):
-            value = {**value, "content": json.dumps(value["content"], ensure_ascii=False)}
+        if not isinstance(value, dict) or value.get("role") != "tool":
+            return value
+        content = value.get("content")
+        if content is not None and not isinstance(content, str):
+            value = {**value, "content": json.dumps(content, ensure_ascii=False)}
         return value
 
     @model_validator(mode="after")
@@ -169,7 +172,8 @@ class GenerateRequestParams(BaseModel):
     @model_validator(mode="after")
     def _message_xor_history(self) -> GenerateRequestParams:
         if (self.message is None) == (self.history is None):
-            raise ValueError("give exactly one of 'message' (appends a user turn) or 'history' (replaces the conversation)")
+            raise ValueError("give exactly one of 'message' (appends a user turn) or 'history' "
+                             "(replaces the conversation)")
         return self
 
 

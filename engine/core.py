@@ -14,8 +14,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from engine.block_manager import BlockManager
 from engine.model_runner import ModelRunner, PagedModel
 from engine.request import EventSink, FinishReason, Request, RequestStatus, SamplingParams, TokenEvent

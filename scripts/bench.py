@@ -93,7 +93,8 @@ def build_random(size: str, device: str, nf4: bool) -> tuple[torch.nn.Module, di
     started = time.perf_counter()
     with torch.device(device):
         model = Qwen2ForCausalLM(config).to(dtype).eval()
-    info = {"source": f"random weights, {size} shape", "dtype": str(dtype), "build_s": round(time.perf_counter() - started, 1),
+    info = {"source": f"random weights, {size} shape", "dtype": str(dtype),
+            "build_s": round(time.perf_counter() - started, 1),
             "params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3)}
     if nf4:
         started = time.perf_counter()
@@ -260,7 +261,7 @@ def server_section(hf_model: torch.nn.Module, paged: PagedQwen2, args: argparse.
 
     import uvicorn
 
-    from server_starlette import create_app
+    from server_starlette import UVICORN_WS, create_app
     from shared import GenerationDefaults, LoadedModel, Settings
 
     if loaded is None:  # random weights: a tokenizer trained here, sampling restricted to its vocabulary
@@ -283,7 +284,8 @@ def server_section(hf_model: torch.nn.Module, paged: PagedQwen2, args: argparse.
                         max_context=args.prompt_len * 2 + new + 512, log_file=os.devnull, log_level="WARNING",
                         cuda_graphs="off" if args.no_graphs else "on", prefill_chunk=args.prefill_chunk)
     app = create_app(settings, loader=lambda s: loaded)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on",
+                                           **UVICORN_WS))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -390,8 +392,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
-    out: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if cuda else f"cpu ({torch.get_num_threads()} threads)",
-                           "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()}, "errors": {}}
+    device = torch.cuda.get_device_name(0) if cuda else f"cpu ({torch.get_num_threads()} threads)"
+    out: dict[str, Any] = {"device": device, "torch": torch.__version__, "args": dict(vars(args)), "errors": {}}
     loaded = None
     if args.model:
         hf_model, info, loaded = load_checkpoint(args.model)

@@ -14,7 +14,7 @@ import httpx
 import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 
-from server_starlette import create_app
+from server_starlette import UVICORN_WS, create_app
 from shared import LoadedModel, Settings, load_model
 
 
@@ -22,7 +22,7 @@ from shared import LoadedModel, Settings, load_model
 def running_server(settings: Settings, loader: Callable[[Settings], LoadedModel] = load_model) -> Iterator[Any]:
     """Serve ``create_app(settings, loader=loader)`` on 127.0.0.1:<free port>; yields the app (``app.base``)."""
     app = create_app(settings, loader=loader)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on",
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on", **UVICORN_WS,
                             ws_max_size=settings.ws_max_message_bytes)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -175,7 +175,8 @@ def test_weather_tool_flow_end_to_end(server):
             assert end2["params"]["usage"]["cached_tokens"] > 0
     run(go())
     prompt = server.model.prompts[-1]
-    assert prompt.count('<tool_call>\n{"name": "get_weather"') == 1 and "<tool_response>" in prompt and ANSWER in prompt and "thanks" in prompt
+    assert prompt.count('<tool_call>\n{"name": "get_weather"') == 1
+    assert "<tool_response>" in prompt and ANSWER in prompt and "thanks" in prompt
 
 
 def test_several_calls_in_one_request_answered_out_of_order_and_in_parts(server):
