@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev serve test tiny-model clean
+.PHONY: install install-dev serve test tiny-model bench bench-cpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ serve: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# GPU: random weights of the real Qwen2.5-14B shape in NF4, 1/8/32/64 streams, the seed design and the server path
+bench: $(VENV)/.installed-dev
+	$(BIN)/python scripts/bench.py --random-weights --server --out bench.json
+
+# CPU: the tiny shape, 1 and 8 streams (no GPU needed)
+bench-cpu: $(VENV)/.installed-dev
+	$(BIN)/python scripts/bench.py --size tiny --threads 1 --server --out bench-cpu.json
 
 tiny-model: $(VENV)/.installed
 	$(BIN)/python scripts/make_tiny_model.py models/tiny
