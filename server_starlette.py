@@ -11,23 +11,46 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route, WebSocketRoute
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from engine import AsyncEngine, Engine, EngineConfig
 from jsonrpc import Dispatcher, Method, RpcError, validation_details
-from models import (CancelParams, CreateSessionRequest, CreateSessionResponse, ErrorCode, GenerateRequestParams,
-                    ToolResultParams)
-from shared import (ConfigError, LoadedModel, Runtime, Settings, check_model_source, kv_cache_bytes, load_model,
-                    session_var, setup_logging)
+from models import (
+    CancelParams,
+    CreateSessionRequest,
+    CreateSessionResponse,
+    ErrorCode,
+    GenerateRequestParams,
+    ToolResultParams,
+)
+from shared import (
+    ConfigError,
+    LoadedModel,
+    Runtime,
+    Settings,
+    check_model_source,
+    kv_cache_bytes,
+    load_model,
+    session_var,
+    setup_logging,
+)
 from tasks import Session, SessionStore, Task, TaskFailure
-from utils import build_prompt_ids, generate_interactive_stream_ws, history_to_messages, open_stream, sampling_params
+from utils import (
+    build_prompt_ids,
+    generate_interactive_stream_ws,
+    history_to_messages,
+    open_stream,
+    sampling_params,
+)
 
 log = logging.getLogger("inference.server")
 # Small JSON frames (one per token) gain nothing from permessage-deflate, and compressing each one was the
@@ -201,6 +224,17 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+async def playground(request: Request) -> Response:
+    """The web playground: one static page, no external resources."""
+    page = STATIC_DIR / "index.html"
+    if not page.is_file():
+        return http_error(404, "not_found", "the playground is not installed")
+    return FileResponse(page, media_type="text/html")
+
+
 # ---- app ---------------------------------------------------------------------------------------------------------
 def engine_config(settings: Settings, loaded: LoadedModel) -> EngineConfig:
     max_context = settings.max_context or loaded.max_position_embeddings
@@ -247,6 +281,8 @@ def create_app(settings: Settings | None = None, *,
     return Starlette(routes=[
         Route("/create_session", create_session, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
+        Route("/", playground, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
         WebSocketRoute("/ws/{session_id}", ws_session),
     ], lifespan=lifespan)
 
