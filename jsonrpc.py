@@ -72,14 +72,17 @@ class Method:
 
 
 class Dispatcher:
-    def __init__(self, methods: dict[str, Method]) -> None:
+    def __init__(self, methods: dict[str, Method],
+                 observe: Callable[[str, int | None], None] | None = None) -> None:
         self.methods = methods
+        self.observe = observe  # called with (method, error code or None) for every request handled
 
     async def handle_text(self, text: str, context: Any) -> dict[str, Any] | list[dict[str, Any]] | None:
         """The response(s) to one incoming message, or None when nothing is to be sent back."""
         try:
             payload = strict_json_loads(text)
         except (ValueError, RecursionError):
+            self._observe("-", ErrorCode.PARSE_ERROR)
             return error_response(None, RpcError(ErrorCode.PARSE_ERROR, "Parse error: the message is not valid JSON"))
         if isinstance(payload, list):
             if not payload:
@@ -95,17 +98,25 @@ class Dispatcher:
         if isinstance(request_id, bool) or not isinstance(request_id, (str, int, float, type(None))):
             return error_response(None, RpcError(ErrorCode.INVALID_REQUEST,
                                                  "Invalid Request: id must be a string, a number or null"))
+        method = obj.get("method") if isinstance(obj.get("method"), str) else "-"
         try:
             result = await self._call(obj, context)
         except RpcError as exc:
+            self._observe(method if method in self.methods else "-", exc.code)
             if exc.code == ErrorCode.INVALID_REQUEST:  # a malformed envelope is answered even without an id
                 return error_response(request_id, exc)
             return error_response(request_id, exc) if "id" in obj else None
         except Exception:
-            log.exception("internal error in %r", obj.get("method"))
+            log.exception("internal error in %r", method)
+            self._observe(method, ErrorCode.INTERNAL_ERROR)
             error = RpcError(ErrorCode.INTERNAL_ERROR, "Internal error")
             return error_response(request_id, error) if "id" in obj else None
+        self._observe(method, None)
         return result_response(request_id, result) if "id" in obj else None
+
+    def _observe(self, method: str, code: int | None) -> None:
+        if self.observe is not None:
+            self.observe(method, code)
 
     async def _call(self, obj: dict[str, Any], context: Any) -> Any:
         if obj.get("jsonrpc") != JSONRPC_VERSION:

@@ -29,7 +29,8 @@ class ErrorCode(enum.IntEnum):
     TOOL_RESULT_TIMEOUT = -32005  # no tool_result arrived in time
     OVERLOADED = -32006  # the engine's queue is full; retry later
     NOT_AWAITING_TOOL_RESULTS = -32007  # tool_result while the task is not waiting for one
-    ENGINE_UNAVAILABLE = -32008  # the engine is stopped or shutting down
+    ENGINE_UNAVAILABLE = -32008  # the engine is stopped, or the server is shutting down
+    RATE_LIMITED = -32009  # this key (or address) sent too many requests; retry after data.retry_after_s
 
 
 class JsonRpcError(BaseModel):

@@ -1,230 +1,145 @@
-"""The transport: app factory, HTTP routes, the WebSocket loop, JSON-RPC method handlers.
+"""The transport: app factory, HTTP routes, lifespan, graceful shutdown, ``python server_starlette.py``.
 
-Run with ``python server_starlette.py`` (settings from the environment and ``.env``).
+The WebSocket side (handshake checks, receive loop, JSON-RPC methods) lives in ``session_socket.py``.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
-from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from auth import ApiKeys, RateLimiter, TicketBook
 from engine import AsyncEngine, Engine, EngineConfig
-from jsonrpc import Dispatcher, Method, RpcError, validation_details
-from models import (
-    CancelParams,
-    CreateSessionRequest,
-    CreateSessionResponse,
-    ErrorCode,
-    GenerateRequestParams,
-    ToolResultParams,
-)
-from shared import (
-    ConfigError,
-    LoadedModel,
-    Runtime,
-    Settings,
-    check_model_source,
-    kv_cache_bytes,
-    load_model,
-    session_var,
-    setup_logging,
-)
-from tasks import Session, SessionStore, Task, TaskFailure
-from utils import (
-    build_prompt_ids,
-    generate_interactive_stream_ws,
-    history_to_messages,
-    open_stream,
-    sampling_params,
-)
+from jsonrpc import Dispatcher, RpcError, strict_json_loads, validation_details
+from metrics import Metrics
+from models import CreateSessionRequest, CreateSessionResponse
+from session_socket import GOING_AWAY, METHODS, tools_problem, ws_session
+from shared import (ConfigError, LoadedModel, Runtime, Settings, check_model_source, kv_cache_bytes, load_model,
+                    setup_logging)
+from tasks import SessionStore
 
 log = logging.getLogger("inference.server")
 # Small JSON frames (one per token) gain nothing from permessage-deflate, and compressing each one was the
 # largest cost on the event loop when streaming (measured with py-spy): servers run with it off.
 UVICORN_WS = {"ws_per_message_deflate": False}
-SESSION_UNKNOWN_CLOSE = 4404  # sent as a 403 handshake refusal: the close happens before accept()
-SESSION_ATTACHED_CLOSE = 4409
-
-
-# ---- JSON-RPC methods ---------------------------------------------------------------------------------------
-@dataclass
-class Context:
-    rt: Runtime
-    session: Session
-
-
-async def rpc_generate(ctx: Context, p: GenerateRequestParams) -> dict[str, Any]:
-    rt, session, settings = ctx.rt, ctx.session, ctx.rt.settings
-    if session.active_task is not None:
-        raise RpcError(ErrorCode.SESSION_BUSY, "the session already has an active task; cancel it or wait for its end",
-                       {"task_id": session.active_task.task_id})
-    if p.max_new_tokens is not None and p.max_new_tokens > settings.max_new_tokens_cap:
-        raise RpcError(ErrorCode.INVALID_PARAMS, "Invalid params", [{
-            "loc": ["max_new_tokens"], "msg": f"must be <= {settings.max_new_tokens_cap}", "type": "less_than_equal"}])
-    max_new = p.max_new_tokens or min(settings.default_max_new_tokens, settings.max_new_tokens_cap)
-    tools = session.tools if p.tools is None else p.tools
-    if p.history is not None:
-        messages = history_to_messages(p.history)
-    else:
-        messages = [*session.messages, {"role": "user", "content": p.message}]
-    try:
-        prompt_ids = build_prompt_ids(rt.tokenizer, messages, tools)
-    except Exception as exc:  # the template rejects the conversation (e.g. roles out of order)
-        raise RpcError(ErrorCode.INVALID_PARAMS, f"the chat template cannot render this conversation: {exc}") from None
-    task = Task(session, tools, sampling_params(p, rt.model.defaults, max_new, rt.model.stop_token_ids), p.stop or [])
-    try:
-        task.first_stream = open_stream(rt, task, prompt_ids)
-    except TaskFailure as failure:
-        raise failure.error from None
-    session.messages = messages
-    # The response is queued by the dispatcher before this task first runs (it starts at the next await).
-    task.start(lambda t: generate_interactive_stream_ws(t, rt))
-    log.info("generate: task %s, prompt %d tokens, max_new_tokens %d, %d tools", task.task_id, len(prompt_ids),
-             max_new, len(tools))
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug("prompt: %r", rt.tokenizer.decode(prompt_ids))
-    return {"status": "processing", "task_id": task.task_id}
-
-
-async def rpc_tool_result(ctx: Context, p: ToolResultParams) -> dict[str, Any]:
-    task = ctx.session.active_task
-    if task is None or task.task_id != p.task_id:
-        raise RpcError(ErrorCode.UNKNOWN_TASK, f"this session has no active task {p.task_id!r}",
-                       {"active_task_id": task.task_id if task else None})
-    task.submit_tool_results(p.results)
-    return {"status": "received"}
-
-
-async def rpc_cancel(ctx: Context, p: CancelParams) -> dict[str, Any]:
-    task = ctx.session.active_task
-    if task is None:
-        raise RpcError(ErrorCode.NOTHING_TO_CANCEL, "no active task to cancel")
-    if p.task_id is not None and p.task_id != task.task_id:
-        raise RpcError(ErrorCode.UNKNOWN_TASK, f"this session has no active task {p.task_id!r}",
-                       {"active_task_id": task.task_id})
-    task.cancel()  # delivered at the task's next await, after this response is queued
-    return {"status": "cancelled", "task_id": task.task_id}
-
-
-DISPATCHER = Dispatcher({
-    "generate": Method(GenerateRequestParams, rpc_generate),
-    "tool_result": Method(ToolResultParams, rpc_tool_result),
-    "cancel": Method(CancelParams, rpc_cancel),
-})
-
-
-# ---- WebSocket -------------------------------------------------------------------------------------------------
-class Connection:
-    """Outgoing messages of one socket, sent in order by one sender task."""
-
-    def __init__(self, websocket: WebSocket) -> None:
-        self.websocket = websocket
-        self.queue: asyncio.Queue[dict[str, Any] | list[Any] | None] = asyncio.Queue()
-        self.sender = asyncio.get_running_loop().create_task(self._send_loop())
-
-    def send(self, message: dict[str, Any] | list[Any]) -> None:
-        self.queue.put_nowait(message)
-
-    async def _send_loop(self) -> None:
-        with contextlib.suppress(Exception):  # the peer went away: the reader sees the disconnect
-            while (message := await self.queue.get()) is not None:
-                await self.websocket.send_text(json.dumps(message, ensure_ascii=False))
-
-    async def close(self) -> None:
-        self.queue.put_nowait(None)
-        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(self.sender, 5)
-
-
-async def ws_session(websocket: WebSocket) -> None:
-    rt: Runtime = websocket.app.state.runtime
-    session = rt.sessions.get(websocket.path_params["session_id"])
-    if session is None or session.emitter is not None:
-        await websocket.close(code=SESSION_UNKNOWN_CLOSE if session is None else SESSION_ATTACHED_CLOSE)
-        return
-    session_var.set(session.session_id)
-    await websocket.accept()
-    conn = Connection(websocket)
-    session.emitter = conn.send
-    session.touch()
-    log.info("websocket connected")
-    ctx = Context(rt, session)
-    try:
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                break
-            text = message.get("text")
-            if text is None:
-                try:
-                    text = (message.get("bytes") or b"").decode("utf-8")
-                except UnicodeDecodeError:
-                    text = "\x00not json"  # answered as a parse error
-            session.touch()
-            reply = await DISPATCHER.handle_text(text, ctx)
-            if reply is not None:
-                conn.send(reply)
-    except WebSocketDisconnect:
-        pass
-    finally:
-        session.emitter = None
-        task = session.active_task
-        if task is not None:  # a client that goes away cancels its task and frees its engine slot now
-            task.cancel()
-            await task.wait()
-        await conn.close()
-        session.touch()
-        log.info("websocket closed")
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 # ---- HTTP ------------------------------------------------------------------------------------------------------
-def http_error(status: int, kind: str, message: str, details: Any = None) -> JSONResponse:
+def http_error(status: int, kind: str, message: str, details: Any = None,
+               headers: dict[str, str] | None = None) -> JSONResponse:
     body: dict[str, Any] = {"type": kind, "message": message}
     if details is not None:
         body["details"] = details
-    return JSONResponse({"error": body}, status_code=status)
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
-async def create_session(request: Request) -> JSONResponse:
-    rt: Runtime = request.app.state.runtime
+def authenticate(request: Request, rt: Runtime) -> str | JSONResponse:
+    """The caller's key id, or the 401 to send."""
+    owner = rt.keys.from_header(request.headers.get("authorization"))
+    if owner is None:
+        return http_error(401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key>)",
+                          headers={"WWW-Authenticate": "Bearer"})
+    return owner
+
+
+async def read_json(request: Request, rt: Runtime) -> Any:
+    """The JSON body ({} when empty), or the error response to send."""
     raw = await request.body()
+    if len(raw) > rt.settings.ws_max_message_bytes:
+        return http_error(413, "too_large", f"the body is larger than {rt.settings.ws_max_message_bytes} bytes")
     try:
-        payload = json.loads(raw) if raw.strip() else {}
+        payload = strict_json_loads(raw) if raw.strip() else {}
     except (ValueError, RecursionError):
         return http_error(400, "invalid_json", "the request body is not valid JSON")
-    if payload is None:
-        payload = {}
+    return {} if payload is None else payload
+
+
+async def create_session(request: Request) -> Response:
+    rt: Runtime = request.app.state.runtime
+    if rt.draining:
+        return http_error(503, "shutting_down", "the server is shutting down")
+    owner = authenticate(request, rt)
+    if isinstance(owner, Response):
+        return owner
+    caller = owner if rt.keys.enabled else f"addr:{request.client.host if request.client else '-'}"
+    if retry := rt.limiter.acquire(caller):
+        return http_error(429, "rate_limited", "too many requests", {"retry_after_s": round(retry, 2)},
+                          headers={"Retry-After": str(max(1, round(retry)))})
+    payload = await read_json(request, rt)
+    if isinstance(payload, Response):
+        return payload
     try:
         body = CreateSessionRequest.model_validate(payload)
     except ValidationError as exc:
         return http_error(422, "invalid_request", "invalid session request", validation_details(exc))
+    if problem := tools_problem(rt.settings, body.tools):
+        return http_error(422, "invalid_request", f"tools exceed the server's limits: {problem}")
     try:
-        session = rt.sessions.create(body.tools)
+        session = rt.sessions.create(body.tools, owner, rt.settings.max_sessions_per_key)
     except RpcError as exc:
-        return http_error(503, "overloaded", exc.message)
+        return http_error(429 if "this key" in exc.message else 503, "too_many_sessions", exc.message)
     log.info("session %s created with %d tools", session.session_id, len(body.tools))
     return JSONResponse(CreateSessionResponse(session_id=session.session_id).model_dump())
+
+
+async def issue_ticket(request: Request) -> Response:
+    """A short-lived single-use ticket for ``/ws/{id}?ticket=...`` (browsers cannot send headers there)."""
+    rt: Runtime = request.app.state.runtime
+    owner = authenticate(request, rt)
+    if isinstance(owner, Response):
+        return owner
+    payload = await read_json(request, rt)
+    if isinstance(payload, Response):
+        return payload
+    session_id = payload.get("session_id") if isinstance(payload, dict) else None
+    if session_id is not None:
+        session = rt.sessions.get(str(session_id))
+        if session is None:
+            return http_error(404, "not_found", "no such session")
+        if rt.keys.enabled and session.owner != owner:
+            return http_error(403, "forbidden", "this session belongs to another key")
+    ticket = rt.tickets.issue(owner, None if session_id is None else str(session_id))
+    return JSONResponse({"ticket": ticket, "expires_in_s": rt.tickets.ttl_s})
 
 
 async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-STATIC_DIR = Path(__file__).resolve().parent / "static"
+async def ready(request: Request) -> JSONResponse:
+    rt: Runtime | None = getattr(request.app.state, "runtime", None)
+    if rt is None:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    engine = rt.engine.engine
+    if rt.draining or not engine.alive:
+        reason = "shutting down" if rt.draining else engine.dead_reason or "engine not running"
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+    return JSONResponse({"status": "ready", "model": rt.model.name})
+
+
+async def metrics(request: Request) -> Response:
+    rt: Runtime = request.app.state.runtime
+    if rt.keys.enabled and isinstance(owner := authenticate(request, rt), Response):
+        return owner
+    text = rt.metrics.render(rt.engine.engine.stats(), len(rt.sessions), len(rt.connections),
+                             len(rt.sessions.active_tasks))
+    return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 async def playground(request: Request) -> Response:
@@ -254,37 +169,107 @@ async def _expire_sessions(sessions: SessionStore) -> None:
         sessions.expire_idle()
 
 
+def build_runtime(settings: Settings, loaded: LoadedModel) -> Runtime:
+    keys = ApiKeys.load(settings.api_key, settings.api_keys_file)
+    if not keys.enabled and settings.host not in LOOPBACK:
+        log.warning("no API key is configured and the server listens on %s: anyone who can reach this port can "
+                    "use it. Set INFERENCE_API_KEY (or INFERENCE_API_KEYS_FILE).", settings.host)
+    elif keys.enabled:
+        log.info("API keys required (%d configured)", len(keys))
+    metrics_ = Metrics()
+    engine = Engine(loaded.paged_model, engine_config(settings, loaded))
+    engine.on_step = metrics_.on_step
+    sessions = SessionStore(settings.max_sessions, settings.session_idle_timeout_s,
+                            on_remove=lambda session: engine.release_session(session.session_id))
+    return Runtime(settings, loaded, AsyncEngine(engine), sessions, keys, TicketBook(settings.ticket_ttl_s),
+                   RateLimiter(settings.rate_limit_per_min), metrics_)
+
+
+async def drain(rt: Runtime) -> None:
+    """Graceful shutdown: refuse new work, let running tasks finish within the grace period, cancel the rest
+    (each gets its ``end``), then close every socket with 1001 (going away)."""
+    rt.draining = True
+    grace = rt.settings.shutdown_grace_s
+    log.info("shutting down: %d running tasks get %.0f s to finish", len(rt.sessions.active_tasks), grace)
+    deadline = time.monotonic() + grace
+    while rt.sessions.active_tasks and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    left = rt.sessions.active_tasks
+    if left:
+        log.info("cancelling %d tasks still running", len(left))
+    await rt.sessions.close_all()
+    for conn in list(rt.connections):
+        conn.close(GOING_AWAY, "server shutting down")
+    deadline = time.monotonic() + 5
+    while rt.connections and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
 def create_app(settings: Settings | None = None, *,
                loader: Callable[[Settings], LoadedModel] = load_model) -> Starlette:
     """The ASGI app. The model is loaded by ``loader`` in the lifespan, once, and the engine started."""
+    settings = settings or Settings.from_env()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        s = settings or Settings.from_env()
-        setup_logging(s)
-        loaded = await asyncio.to_thread(loader, s)
-        engine = Engine(loaded.paged_model, engine_config(s, loaded))
-        engine.start()
-        sessions = SessionStore(s.max_sessions, s.session_idle_timeout_s,
-                                on_remove=lambda session: engine.release_session(session.session_id))
-        app.state.runtime = Runtime(s, loaded, AsyncEngine(engine), sessions)
-        expiry = asyncio.create_task(_expire_sessions(sessions))
-        log.info("ready: model %s, listening on %s:%d", loaded.name, s.host, s.port)
+        setup_logging(settings)
+        loaded = await asyncio.to_thread(loader, settings)
+        rt = build_runtime(settings, loaded)
+        rt.engine.engine.start()
+        app.state.runtime = rt
+        app.state.dispatcher = Dispatcher(METHODS, observe=rt.metrics.count)
+        expiry = asyncio.create_task(_expire_sessions(rt.sessions))
+        log.info("ready: model %s, listening on %s:%d", loaded.name, settings.host, settings.port)
         try:
             yield
         finally:
             expiry.cancel()
-            await sessions.close_all()
-            await asyncio.to_thread(engine.stop)
+            await rt.sessions.close_all()
+            await asyncio.to_thread(rt.engine.engine.stop)
             log.info("stopped")
 
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))] \
+        if settings.allowed_hosts else []
     return Starlette(routes=[
         Route("/create_session", create_session, methods=["POST"]),
+        Route("/auth/ticket", issue_ticket, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         Route("/", playground, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
         WebSocketRoute("/ws/{session_id}", ws_session),
-    ], lifespan=lifespan)
+    ], middleware=middleware, lifespan=lifespan)
+
+
+def make_server_class() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn, but the first SIGTERM/Ctrl-C drains (see ``drain``) before the server stops; a second one
+        stops at once."""
+
+        draining = False
+        loop: asyncio.AbstractEventLoop | None = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            rt = getattr(getattr(self.config.app, "state", None), "runtime", None)
+            if self.draining or rt is None or self.loop is None:
+                return super().handle_exit(sig, frame)
+            self.draining = True
+            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain_then_exit(rt)))
+
+        async def _drain_then_exit(self, rt: Runtime) -> None:
+            try:
+                await drain(rt)
+            finally:
+                self.should_exit = True
+
+        async def serve(self, sockets: Any = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+    return DrainingServer
 
 
 def main() -> None:
@@ -297,8 +282,9 @@ def main() -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     setup_logging(settings)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                ws_max_size=settings.ws_max_message_bytes, **UVICORN_WS)
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+                            ws_max_size=settings.ws_max_message_bytes, **UVICORN_WS)
+    make_server_class()(config).run()
 
 
 if __name__ == "__main__":

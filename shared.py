@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # heavy imports happen inside load_model, never at import time
+    from auth import ApiKeys, RateLimiter, TicketBook
     from engine import AsyncEngine
+    from metrics import Metrics
     from tasks import SessionStore
 
 log = logging.getLogger("inference")
@@ -67,6 +69,10 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+def _list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
 def _setting(env: str, parse: Callable[[str], Any], default: Any, doc: str) -> Any:
     return field(default=default, metadata={"env": env, "parse": parse, "doc": doc})
 
@@ -112,7 +118,31 @@ class Settings:
                                              "idle sessions are deleted after this long")
     max_sessions: int = _setting("INFERENCE_MAX_SESSIONS", _int(1), 10000, "sessions alive at once")
     ws_max_message_bytes: int = _setting("INFERENCE_WS_MAX_MESSAGE_BYTES", _int(1024), 16 * 2**20,
-                                         "largest WebSocket message accepted")
+                                         "largest WebSocket message (and HTTP body) accepted")
+    ws_send_queue: int = _setting("INFERENCE_WS_SEND_QUEUE", _int(16), 4096,
+                                  "messages queued for a client that reads too slowly before it is disconnected")
+    # security
+    api_key: str = _setting("INFERENCE_API_KEY", _text, "", "API key required on every request (none: no auth)")
+    api_keys_file: str = _setting("INFERENCE_API_KEYS_FILE", _text, "", "file with one API key per line")
+    allowed_origins: tuple[str, ...] = _setting("INFERENCE_ALLOWED_ORIGINS", _list, (),
+                                                "WebSocket Origins allowed (comma list, * = any; none: same-origin)")
+    allowed_hosts: tuple[str, ...] = _setting("INFERENCE_ALLOWED_HOSTS", _list, (),
+                                              "Host headers accepted (comma list; none: any)")
+    ticket_ttl_s: float = _setting("INFERENCE_TICKET_TTL_S", _float(1.0), 60.0, "lifetime of a WebSocket ticket")
+    # limits
+    rate_limit_per_min: int = _setting("INFERENCE_RATE_LIMIT_PER_MIN", _int(0), 600,
+                                       "create_session + generate per key (or client address) per minute; 0 = off")
+    max_sessions_per_key: int = _setting("INFERENCE_MAX_SESSIONS_PER_KEY", _int(1), 1000, "sessions alive per key")
+    max_tools: int = _setting("INFERENCE_MAX_TOOLS", _int(0), 128, "tools per session or request")
+    max_tool_schema_bytes: int = _setting("INFERENCE_MAX_TOOL_SCHEMA_BYTES", _int(64), 65536,
+                                          "JSON size of one tool definition")
+    max_message_chars: int = _setting("INFERENCE_MAX_MESSAGE_CHARS", _int(1), 1_000_000,
+                                      "characters in one message (and in one history entry)")
+    max_history_messages: int = _setting("INFERENCE_MAX_HISTORY_MESSAGES", _int(1), 2000, "entries in a history")
+    max_prompt_tokens: int = _setting("INFERENCE_MAX_PROMPT_TOKENS", _int(0), 0,
+                                      "prompt tokens per model call (0 = the context minus one)")
+    shutdown_grace_s: float = _setting("INFERENCE_SHUTDOWN_GRACE_S", _float(0.0), 30.0,
+                                       "on SIGTERM, how long running tasks may finish before they are cancelled")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, dotenv_path: str | os.PathLike | None = ".env"
@@ -321,6 +351,12 @@ class Runtime:
     model: LoadedModel
     engine: AsyncEngine
     sessions: SessionStore
+    keys: ApiKeys
+    tickets: TicketBook
+    limiter: RateLimiter
+    metrics: Metrics
+    connections: set[Any] = field(default_factory=set)  # open WebSocket connections
+    draining: bool = False  # shutting down: no new sessions or tasks
     started_at: float = field(default_factory=time.time)
 
     @property

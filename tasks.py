@@ -48,6 +48,7 @@ class TaskFailure(Exception):
 class Session:
     session_id: str
     tools: list[ToolDefinition]
+    owner: str = "anonymous"  # the key id that created it: only that key may attach
     messages: list[dict[str, Any]] = field(default_factory=list)  # the conversation, chat-template shaped
     active_task: Task | None = None
     emitter: Emitter | None = None  # the attached WebSocket's sender, if any
@@ -75,7 +76,8 @@ class Task:
     """One ``generate``: runs the turn loop, waits for tool results, ends with exactly one ``end``."""
 
     def __init__(self, session: Session, tools: list[ToolDefinition], params: SamplingParams,
-                 stop: list[str], first_stream: RequestStream | None = None) -> None:
+                 stop: list[str], first_stream: RequestStream | None = None,
+                 on_error: Callable[[int], None] | None = None) -> None:
         self.task_id = new_id("task-")
         self.session = session
         self.tools = tools
@@ -89,6 +91,7 @@ class Task:
         self._aio: asyncio.Task[None] | None = None
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
+        self.on_error = on_error
 
     def emit(self, method: str, params: BaseModel) -> None:
         self.session.emit(method, params)
@@ -135,6 +138,8 @@ class Task:
                      ttft, time.perf_counter() - self.started)
 
     def _report(self, error: RpcError) -> None:
+        if self.on_error is not None:
+            self.on_error(error.code)
         self.emit("error", ErrorNotificationParams(session_id=self.session.session_id, task_id=self.task_id,
                                                    error=JsonRpcError(**error.to_dict())))
 
@@ -215,11 +220,13 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self.sessions)
 
-    def create(self, tools: list[ToolDefinition]) -> Session:
+    def create(self, tools: list[ToolDefinition], owner: str = "anonymous", per_owner: int | None = None) -> Session:
         self.expire_idle()
         if len(self.sessions) >= self.max_sessions:
             raise RpcError(ErrorCode.OVERLOADED, f"session limit reached ({self.max_sessions})")
-        session = Session(str(uuid.uuid4()), tools)  # 122 random bits, in the seed's uuid shape
+        if per_owner is not None and sum(s.owner == owner for s in self.sessions.values()) >= per_owner:
+            raise RpcError(ErrorCode.RATE_LIMITED, f"this key already has {per_owner} sessions")
+        session = Session(str(uuid.uuid4()), tools, owner)  # 122 random bits, in the seed's uuid shape
         self.sessions[session.session_id] = session
         return session
 
@@ -241,8 +248,12 @@ class SessionStore:
             self.remove(session)
         return len(idle)
 
+    @property
+    def active_tasks(self) -> list[Task]:
+        return [s.active_task for s in self.sessions.values() if s.active_task is not None]
+
     async def close_all(self) -> None:
-        tasks = [s.active_task for s in self.sessions.values() if s.active_task is not None]
+        tasks = self.active_tasks
         for task in tasks:
             task.cancel()
         await asyncio.gather(*(t.wait() for t in tasks))

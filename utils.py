@@ -275,15 +275,24 @@ async def stream_turn(rt: Runtime, task: Task, stream: RequestStream, separator:
                                                  "chunk": separator + text})
             separator = ""
 
+    metrics, last = rt.metrics, stream.submitted_at
     async with stream:
         async for event in stream:
             if event.error is not None:
                 raise TaskFailure(ErrorCode.GENERATION_FAILED, event.error)
+            now = time.perf_counter()
             if first:
                 first = False
-                task.first_token_at = task.first_token_at or time.perf_counter()
+                task.first_token_at = task.first_token_at or now
                 task.usage.prompt_tokens += event.prompt_tokens
                 task.usage.cached_tokens += event.cached_tokens
+                metrics.ttft.observe(now - last)
+                metrics.prompt_tokens.inc(event.prompt_tokens)
+                metrics.cached_tokens.inc(event.cached_tokens)
+            elif event.token_ids:
+                metrics.itl.observe(now - last)
+            last = now
+            metrics.generated_tokens.inc(event.completion_tokens - completion)
             completion = event.completion_tokens
             text = "".join(detok.push(t) for t in event.token_ids)
             show(parser.push(stops.push(text)))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator
 
@@ -59,6 +60,7 @@ class RequestStream:
         self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.request_id = ""
         self.finished = False
+        self.submitted_at = time.perf_counter()
 
     def _sink(self, event: TokenEvent) -> None:  # engine thread
         self._wakeups.push(self._queue, event)

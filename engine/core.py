@@ -11,8 +11,12 @@ import logging
 import queue
 import sys
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from engine.block_manager import BlockManager
 from engine.model_runner import ModelRunner, PagedModel
@@ -77,6 +81,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.dead_reason: str | None = None
         self.steps = 0
+        self.on_step: Callable[[str, int, float], None] | None = None  # (kind, batch size, seconds), engine thread
         log.info("engine: %d KV blocks x %d tokens (%.2f GiB), max context %d, max batch %d", num_blocks, bs,
                  num_blocks * bs * model.kv_bytes_per_token() / 2**30, self.max_context, config.max_running)
 
@@ -181,13 +186,22 @@ class Engine:
             return
         self.steps += 1
         sampled = [i for i in range(len(step.requests)) if step.completes(i)]
+        started = time.perf_counter()
         try:
             tokens = self._execute(step, sampled)
         except Exception as exc:  # fails this step's requests only; the engine goes on
             log.exception("forward step failed (%d requests)", len(step.requests))
+            if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()  # give back what the failed step held before the next one
             for req in step.requests:
                 self._finish(req, FinishReason.ERROR, error=f"generation failed: {exc!r}")
             return
+        if self.on_step is not None:
+            try:
+                self.on_step("prefill" if step.is_prefill else "decode", len(step.requests),
+                             time.perf_counter() - started)
+            except Exception:
+                log.exception("on_step hook failed")
         for i, req in enumerate(step.requests):
             req.num_computed += step.tokens_of(i)
             self.blocks.on_computed(req)

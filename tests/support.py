@@ -14,7 +14,7 @@ import httpx
 import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 
-from server_starlette import UVICORN_WS, create_app
+from server_starlette import UVICORN_WS, create_app, make_server_class
 from shared import LoadedModel, Settings, load_model
 
 
@@ -24,7 +24,7 @@ def running_server(settings: Settings, loader: Callable[[Settings], LoadedModel]
     app = create_app(settings, loader=loader)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on", **UVICORN_WS,
                             ws_max_size=settings.ws_max_message_bytes)
-    server = uvicorn.Server(config)
+    server = make_server_class()(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -34,6 +34,7 @@ def running_server(settings: Settings, loader: Callable[[Settings], LoadedModel]
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     app.base = f"127.0.0.1:{port}"
+    app.server = server
     try:
         yield app
     finally:

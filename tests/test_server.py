@@ -116,7 +116,7 @@ def test_unknown_session_is_refused(server):
         with pytest.raises(InvalidStatus) as info:
             async with WsClient.connect(server, "no-such-session"):
                 pass
-        assert info.value.response.status_code == 403
+        assert info.value.response.status_code == 404
     run(go())
 
 

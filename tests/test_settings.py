@@ -73,7 +73,8 @@ def test_env_example_and_readme_document_every_variable():
     example = (REPO_ROOT / ".env.example").read_text()
     readme = (REPO_ROOT / "README.md").read_text()
     for env, default, _doc in Settings.documented():
-        shown = str(int(default)) if isinstance(default, float) and default.is_integer() else str(default)
+        shown = (str(int(default)) if isinstance(default, float) and default.is_integer()
+                 else ",".join(default) if isinstance(default, tuple) else str(default))
         assert re.search(rf"^# {env}={re.escape(shown)}$", example, re.M), env
         assert env in readme, env
 
