@@ -2,6 +2,7 @@
 per-task turn loop ``generate_interactive_stream_ws``."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -293,18 +294,21 @@ async def stream_turn(rt: Runtime, task: Task, stream: RequestStream, separator:
                 metrics.itl.observe(now - last)
             last = now
             metrics.generated_tokens.inc(event.completion_tokens - completion)
+            task.usage.completion_tokens += event.completion_tokens - completion  # kept current: a cancel may come
             completion = event.completion_tokens
             text = "".join(detok.push(t) for t in event.token_ids)
             show(parser.push(stops.push(text)))
             if stops.stopped:
                 break
+            # Let the connection's sender run: events that piled up while the loop was busy must not fill the
+            # bounded send queue of a client that reads fine (a full queue means "stalled client").
+            await asyncio.sleep(0)
             if event.finished:
                 reason = event.finish_reason
     if not stops.stopped:
         show(parser.push(stops.push(detok.flush())))
         show(parser.push(stops.flush()))
     show(parser.flush())
-    task.usage.completion_tokens += completion
     return TurnOutput("".join(pieces), parser.calls, reason)
 
 

@@ -27,6 +27,7 @@ class ScriptedModel:
         self.cache: torch.Tensor | None = None
         self.prompts: list[str] = []  # every distinct prompt seen, in order
         self._replies: dict[tuple[int, ...], list[int]] = {}
+        self._rows: dict[int, tuple[list[int], list[int]]] = {}  # first block id -> (prompt, reply): no re-scan
         self.fail_next = threading.Event()  # set to make the next forward pass raise
         self.forward_calls = 0
 
@@ -63,8 +64,14 @@ class ScriptedModel:
             last = int(positions[row, -1])
             slots = (block_table[row].unsqueeze(1) * block_size + torch.arange(block_size)).reshape(-1)
             history = self.cache[slots[:last + 1]].tolist()
-            cut = self._split(history)
-            reply = self._reply(tuple(history[:cut]))
+            known = self._rows.get(int(block_table[row, 0]))
+            if known is not None and history[:len(known[0])] == known[0] \
+                    and history[len(known[0]):] == known[1][:len(history) - len(known[0])]:
+                cut, reply = len(known[0]), known[1]  # same prompt, and so far exactly its reply
+            else:
+                cut = self._split(history)
+                reply = self._reply(tuple(history[:cut]))
+                self._rows[int(block_table[row, 0])] = (history[:cut], reply)
             done = len(history) - cut
             logits[row, reply[done] if done < len(reply) else self.im_end] = 1e4
         return logits

@@ -267,7 +267,7 @@ def test_cancel_during_generation(server):
             end = await client.until("end", task_id=task)
             assert end["params"]["finish_reason"] == "cancelled"
             assert not client.of_task(task, "final_text")
-            assert end["params"]["usage"]["completion_tokens"] < 300
+            assert 0 < end["params"]["usage"]["completion_tokens"] < 300  # what was generated until the cancel
             nothing = await client.call("cancel")
             assert nothing["error"]["code"] == -32002
             # the session is usable again, and the conversation kept the user turn
