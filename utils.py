@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from engine import ContextLengthExceeded, EngineOverloaded, EngineStopped, FinishReason, RequestStream, SamplingParams
 from jsonrpc import strict_json_loads
 from models import (ErrorCode, FinalTextParams, FunctionCallRequestParams, GenerateRequestParams, HistoryMessage,
-                    ToolCallRequest, ToolDefinition)
+                    ToolCallRequest, ToolDefinition, Usage)
 from tasks import Task, TaskFailure, new_id, tool_message
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ def sampling_params(p: GenerateRequestParams, defaults: GenerationDefaults, max_
         max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
         top_p=pick(p.top_p, defaults.top_p) or 1.0, top_k=pick(p.top_k, defaults.top_k),
         min_p=pick(p.min_p, defaults.min_p), repetition_penalty=pick(p.repetition_penalty, defaults.repetition_penalty),
+        presence_penalty=p.presence_penalty or 0.0, frequency_penalty=p.frequency_penalty or 0.0,
         seed=p.seed, stop_token_ids=stop_token_ids)
 
 
@@ -239,15 +240,18 @@ class ToolCallParser:
 # ---- the turn loop ------------------------------------------------------------------------------------------------
 @dataclass
 class TurnOutput:
-    text: str
-    calls: list[ParsedCall]
-    finish_reason: FinishReason
+    """What one model call produced (filled in by ``model_turn`` as it ends)."""
+
+    text: str = ""
+    calls: list[ParsedCall] = field(default_factory=list)
+    finish_reason: FinishReason = FinishReason.STOP
+    first_token_at: float | None = None
 
 
-def open_stream(rt: Runtime, task: Task, prompt_ids: list[int]) -> RequestStream:
+def submit(rt: Runtime, prompt_ids: list[int], params: SamplingParams, session_key: str | None) -> RequestStream:
     """Submit one model call to the engine, mapping its refusals to JSON-RPC errors."""
     try:
-        return rt.engine.generate(prompt_ids, task.params, session_key=task.session.session_id)
+        return rt.engine.generate(prompt_ids, params, session_key=session_key)
     except ContextLengthExceeded as exc:
         raise TaskFailure(ErrorCode.CONTEXT_LENGTH_EXCEEDED, str(exc),
                           {"prompt_tokens": exc.prompt_tokens, "max_context": exc.max_context}) from None
@@ -258,24 +262,22 @@ def open_stream(rt: Runtime, task: Task, prompt_ids: list[int]) -> RequestStream
         raise TaskFailure(ErrorCode.ENGINE_UNAVAILABLE, f"engine unavailable: {exc}") from None
 
 
-async def stream_turn(rt: Runtime, task: Task, stream: RequestStream, separator: str = "") -> TurnOutput:
-    """Run one model call: stream visible text as ``text_chunk``s, collect tool calls.
+def open_stream(rt: Runtime, task: Task, prompt_ids: list[int]) -> RequestStream:
+    return submit(rt, prompt_ids, task.params, task.session.session_id)
 
-    ``separator`` goes before this call's first visible text (a paragraph break after earlier calls' text).
+
+async def model_turn(rt: Runtime, stream: RequestStream, stop: Sequence[str], usage: Usage, result: TurnOutput,
+                     prefix: str = "") -> AsyncIterator[str]:
+    """Run one model call; yield its visible text as it streams (tool-call markup parsed out, stop strings
+    applied); keep ``usage`` current; fill ``result`` at the end. ``prefix`` is text already in the prompt's
+    assistant turn that the parser must see (a forced ``<tool_call>`` opening), never shown.
+
+    Leaving the iteration early (or cancellation) aborts the engine request.
     """
-    detok, stops, parser = IncrementalDetokenizer(rt.tokenizer), StopMatcher(task.stop), ToolCallParser()
+    detok, stops, parser = IncrementalDetokenizer(rt.tokenizer), StopMatcher(stop), ToolCallParser()
+    parser.push(prefix)
     pieces: list[str] = []
-    reason, completion, first = FinishReason.STOP, 0, True
-
-    def show(text: str) -> None:
-        nonlocal separator
-        if text:
-            pieces.append(text)
-            # the hottest notification: built as a plain dict (same shape as models.TextChunkParams)
-            task.session.emit_raw("text_chunk", {"session_id": task.session.session_id, "task_id": task.task_id,
-                                                 "chunk": separator + text})
-            separator = ""
-
+    completion, first = 0, True
     metrics, last = rt.metrics, stream.submitted_at
     async with stream:
         async for event in stream:
@@ -284,9 +286,9 @@ async def stream_turn(rt: Runtime, task: Task, stream: RequestStream, separator:
             now = time.perf_counter()
             if first:
                 first = False
-                task.first_token_at = task.first_token_at or now
-                task.usage.prompt_tokens += event.prompt_tokens
-                task.usage.cached_tokens += event.cached_tokens
+                result.first_token_at = now
+                usage.prompt_tokens += event.prompt_tokens
+                usage.cached_tokens += event.cached_tokens
                 metrics.ttft.observe(now - last)
                 metrics.prompt_tokens.inc(event.prompt_tokens)
                 metrics.cached_tokens.inc(event.cached_tokens)
@@ -294,22 +296,36 @@ async def stream_turn(rt: Runtime, task: Task, stream: RequestStream, separator:
                 metrics.itl.observe(now - last)
             last = now
             metrics.generated_tokens.inc(event.completion_tokens - completion)
-            task.usage.completion_tokens += event.completion_tokens - completion  # kept current: a cancel may come
+            usage.completion_tokens += event.completion_tokens - completion  # kept current: a cancel may come
             completion = event.completion_tokens
-            text = "".join(detok.push(t) for t in event.token_ids)
-            show(parser.push(stops.push(text)))
+            if text := parser.push(stops.push("".join(detok.push(t) for t in event.token_ids))):
+                pieces.append(text)
+                yield text
             if stops.stopped:
                 break
-            # Let the connection's sender run: events that piled up while the loop was busy must not fill the
-            # bounded send queue of a client that reads fine (a full queue means "stalled client").
-            await asyncio.sleep(0)
             if event.finished:
-                reason = event.finish_reason
-    if not stops.stopped:
-        show(parser.push(stops.push(detok.flush())))
-        show(parser.push(stops.flush()))
-    show(parser.flush())
-    return TurnOutput("".join(pieces), parser.calls, reason)
+                result.finish_reason = event.finish_reason
+            # Let other tasks (the connection's sender) run: events that piled up while the loop was busy must
+            # not fill the bounded send queue of a client that reads fine (a full queue means "stalled client").
+            await asyncio.sleep(0)
+    tail = "" if stops.stopped else parser.push(stops.push(detok.flush())) + parser.push(stops.flush())
+    if text := tail + parser.flush():
+        pieces.append(text)
+        yield text
+    result.text, result.calls = "".join(pieces), parser.calls
+
+
+async def stream_turn(rt: Runtime, task: Task, stream: RequestStream, separator: str = "") -> TurnOutput:
+    """One model call of a task: its text as ``text_chunk``s (``separator`` before the first one)."""
+    result = TurnOutput()
+    sid = task.session.session_id
+    async for text in model_turn(rt, stream, task.stop, task.usage, result):
+        # the hottest notification: built as a plain dict (same shape as models.TextChunkParams)
+        task.session.emit_raw("text_chunk", {"session_id": sid, "task_id": task.task_id, "chunk": separator + text})
+        separator = ""
+        task.first_token_at = task.first_token_at or result.first_token_at
+    task.first_token_at = task.first_token_at or result.first_token_at
+    return result
 
 
 async def generate_interactive_stream_ws(task: Task, rt: Runtime) -> str:

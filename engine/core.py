@@ -175,7 +175,7 @@ class Engine:
                 req.cached_tokens = req.num_computed
             self._dequeue(req)
             try:
-                self.sampler.start_row(req.row, req.tokens)
+                self.sampler.start_row(req.row, req.tokens, req.output_ids)
                 if req.params.seed is not None and req.generator is None:
                     req.generator = self.sampler.make_generator(req.params.seed)
             except Exception as exc:

@@ -20,6 +20,8 @@ class Sampler:
         self.vocab_size = vocab_size
         # presence[row, token]: token occurs in that row's prompt or output (repetition penalty)
         self.presence = torch.zeros(max_rows, vocab_size, dtype=torch.bool, device=device)
+        # counts[row, token]: times the row generated the token (presence / frequency penalties)
+        self.counts = torch.zeros(max_rows, vocab_size, dtype=torch.int32, device=device)
         self.default_generator = torch.Generator(device=device)
         self.default_generator.seed()
 
@@ -28,11 +30,14 @@ class Sampler:
         gen.manual_seed(seed)
         return gen
 
-    def start_row(self, row: int, token_ids: Sequence[int]) -> None:
-        """Record the tokens a new row starts from (for its repetition penalty)."""
+    def start_row(self, row: int, token_ids: Sequence[int], generated: Sequence[int] = ()) -> None:
+        """Record the tokens a row starts from (prompt and any output so far, for its penalties)."""
         self.presence[row].zero_()
         ids = torch.tensor([t for t in token_ids if t < self.vocab_size], dtype=torch.long)
         self.presence[row, ids.to(self.device)] = True
+        self.counts[row].zero_()
+        out = torch.tensor([t for t in generated if t < self.vocab_size], dtype=torch.long, device=self.device)
+        self.counts[row].index_add_(0, out, torch.ones_like(out, dtype=torch.int32))
 
     def sample(self, logits: torch.Tensor, rows: Sequence[int], params: Sequence[SamplingParams],
                generators: Sequence[torch.Generator | None]) -> list[int]:
@@ -43,6 +48,11 @@ class Sampler:
             pen = torch.tensor(penalties, device=self.device).unsqueeze(1)
             seen = self.presence.index_select(0, row_idx)
             logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
+        if any(p.presence_penalty or p.frequency_penalty for p in params):
+            counts = self.counts.index_select(0, row_idx).float()
+            freq = torch.tensor([p.frequency_penalty for p in params], device=self.device).unsqueeze(1)
+            pres = torch.tensor([p.presence_penalty for p in params], device=self.device).unsqueeze(1)
+            logits = logits - freq * counts - pres * (counts > 0).float()
         tokens = logits.argmax(dim=-1)
         sampling = [i for i, p in enumerate(params) if not p.greedy]
         if sampling:
@@ -50,6 +60,7 @@ class Sampler:
             tokens[idx] = self._sample_rows(logits[idx], [params[i] for i in sampling],
                                             [generators[i] or self.default_generator for i in sampling])
         self.presence[row_idx, tokens] = True
+        self.counts[row_idx, tokens] += 1
         return tokens.tolist()
 
     def _sample_rows(self, logits: torch.Tensor, params: list[SamplingParams],

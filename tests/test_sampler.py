@@ -182,3 +182,20 @@ def test_sampling_follows_softmax_of_logits_over_temperature() -> None:
 def test_sampling_params_reject_bad_values(bad: dict) -> None:
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_presence_and_frequency_penalties_follow_generated_tokens_only() -> None:
+    s = sampler()
+    s.start_row(0, [3], generated=[5, 5])  # 3 is only in the prompt; 5 was generated twice
+    logits = torch.zeros(1, V)
+    logits[0, 3], logits[0, 5], logits[0, 7] = 1.0, 1.5, 0.9
+    presence = SamplingParams(temperature=0.0, presence_penalty=1.0)
+    assert s.sample(logits.clone(), [0], [presence], [None]) == [3]  # 5 -> 0.5; 3 untouched (prompt only)
+    s.start_row(0, [3], generated=[5, 5])
+    freq = SamplingParams(temperature=0.0, frequency_penalty=0.3)
+    assert s.sample(logits.clone(), [0], [freq], [None]) == [3]  # 5 -> 1.5 - 2 * 0.3 = 0.9 < 1.0
+    s.start_row(0, [3], generated=[5])
+    assert s.sample(logits.clone(), [0], [freq], [None]) == [5]  # once: 1.5 - 0.3 = 1.2 still wins
+    assert s.sample(logits.clone(), [0], [freq], [None]) == [3]  # the sample counted: 1.5 - 0.6 = 0.9 < 1.0
+    with pytest.raises(ValueError):
+        SamplingParams(presence_penalty=2.5)
