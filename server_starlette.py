@@ -27,6 +27,7 @@ from engine import AsyncEngine, Engine, EngineConfig
 from jsonrpc import Dispatcher, RpcError, strict_json_loads, validation_details
 from metrics import Metrics
 from models import CreateSessionRequest, CreateSessionResponse
+from openai_api import chat_completions, list_models
 from session_socket import GOING_AWAY, METHODS, tools_problem, ws_session
 from shared import (ConfigError, LoadedModel, Runtime, Settings, check_model_source, kv_cache_bytes, load_model,
                     setup_logging)
@@ -236,6 +237,8 @@ def create_app(settings: Settings | None = None, *,
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/", playground, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
         WebSocketRoute("/ws/{session_id}", ws_session),

@@ -82,6 +82,8 @@ class Settings:
     """Every setting, read once from the environment (and ``.env``). See ``.env.example``."""
 
     model_id: str = _setting("INFERENCE_MODEL_ID", _text, "./Qwen-14B", "HF model id or local directory")
+    served_model_name: str = _setting("INFERENCE_SERVED_MODEL_NAME", _text, "",
+                                      "model name in /v1/models and responses (default: the directory's name)")
     attn_implementation: str = _setting("INFERENCE_ATTN_IMPLEMENTATION", _choice("sdpa", "flash_attention_2"), "sdpa",
                                         "attention implementation the model is loaded with")
     bnb_compute_dtype: str = _setting("INFERENCE_BNB_COMPUTE_DTYPE", _choice("bfloat16", "float16"), "bfloat16",
@@ -243,6 +245,7 @@ class LoadedModel:
     stop_token_ids: frozenset[int]
     name: str
     max_position_embeddings: int
+    serving_info: dict[str, Any] = field(default_factory=dict)  # device, quantization, ... (for /v1/models)
 
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
@@ -323,9 +326,10 @@ def load_model(settings: Settings) -> LoadedModel:
     log.info("loaded %s (%s, %.2fB params, quantization=%s, dtype=%s, attn=%s, device=%s) in %.1f s%s",
              settings.model_id, model.config.model_type, nparams / 1e9, quant, kwargs["dtype"],
              settings.attn_implementation, device, elapsed, gpu)
+    info = {"device": device, "quantization": quant, "dtype": str(kwargs["dtype"]).removeprefix("torch.")}
     return LoadedModel(model, tokenizer, PagedQwen2(model), _generation_defaults(model.generation_config),
-                       _stop_ids(model, tokenizer), Path(settings.model_id).name or settings.model_id,
-                       int(getattr(model.config, "max_position_embeddings", 32768)))
+                       _stop_ids(model, tokenizer), settings.served_model_name or Path(settings.model_id).name
+                       or settings.model_id, int(getattr(model.config, "max_position_embeddings", 32768)), info)
 
 
 def kv_cache_bytes(settings: Settings, paged_model: Any, max_context: int) -> int:

@@ -3,8 +3,11 @@
 It implements the same interface as ``engine.qwen2.PagedQwen2``. Its "KV cache" stores the token id
 written at each slot, so it reads each row's history back through the block table exactly as the
 real attention does: if the engine reused the wrong blocks, the script would see the wrong prompt.
-For each prompt (everything up to the last ``<|im_start|>assistant\\n``) it asks ``respond(prompt_text)``
-for the reply text and emits that reply's tokens, then ``<|im_end|>``.
+
+A sequence's prompt is its whole history the first time the model is asked to continue it (so text the
+prompt puts in the assistant turn, such as a forced ``<tool_call>`` opening, is part of the prompt).
+For each prompt it asks ``respond(prompt_text)`` for the reply text and emits that reply's tokens, then
+``<|im_end|>``; the reply's first tokens may repeat what the prompt's assistant turn already holds.
 """
 from __future__ import annotations
 
@@ -23,11 +26,12 @@ class ScriptedModel:
         self.vocab_size = len(tokenizer)
         self.device = torch.device("cpu")
         self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.marker = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
         self.cache: torch.Tensor | None = None
-        self.prompts: list[str] = []  # every distinct prompt seen, in order
-        self._replies: dict[tuple[int, ...], list[int]] = {}
-        self._rows: dict[int, tuple[list[int], list[int]]] = {}  # first block id -> (prompt, reply): no re-scan
+        self.prompts: list[str] = []  # every prompt, in the order first seen
+        self._known: list[tuple[list[int], list[int]]] = []  # (prompt, reply) of every sequence seen
+        # Fast path: the block a sequence is writing into is its own (shared blocks are full ones), so it
+        # names the sequence until the sequence moves on to its next block.
+        self._by_block: dict[int, tuple[list[int], list[int]]] = {}
         self.fail_next = threading.Event()  # set to make the next forward pass raise
         self.forward_calls = 0
 
@@ -37,19 +41,26 @@ class ScriptedModel:
     def allocate_kv_cache(self, num_slots: int) -> None:
         self.cache = torch.full((num_slots,), -1, dtype=torch.long)
 
-    def _reply(self, prompt: tuple[int, ...]) -> list[int]:
-        if prompt not in self._replies:
-            text = self.tokenizer.decode(list(prompt), skip_special_tokens=False)
-            self.prompts.append(text)
-            self._replies[prompt] = self.tokenizer.encode(self.respond(text), add_special_tokens=False) + [self.im_end]
-        return self._replies[prompt]
+    @staticmethod
+    def _continues(history: list[int], seq: tuple[list[int], list[int]]) -> bool:
+        prompt, reply = seq
+        return len(history) >= len(prompt) and history[:len(prompt)] == prompt \
+            and history[len(prompt):] == reply[:len(history) - len(prompt)]
 
-    def _split(self, history: list[int]) -> int:
-        m = len(self.marker)
-        for end in range(len(history), m - 1, -1):
-            if history[end - m:end] == self.marker:
-                return end
-        return len(history)
+    def _sequence(self, history: list[int], current_block: int) -> tuple[list[int], list[int]]:
+        known = self._by_block.get(current_block)
+        if known is None or not self._continues(history, known):
+            matches = [seq for seq in self._known if self._continues(history, seq)]
+            if matches:  # the most specific: the longest prompt this history continues
+                known = max(matches, key=lambda seq: len(seq[0]))
+            else:  # a new request: everything so far is its prompt
+                text = self.tokenizer.decode(history, skip_special_tokens=False)
+                self.prompts.append(text)
+                reply = self.tokenizer.encode(self.respond(text), add_special_tokens=False) + [self.im_end]
+                known = (history, reply)
+                self._known.append(known)
+            self._by_block[current_block] = known
+        return known
 
     def forward(self, input_ids, positions, slot_mapping, block_table, block_size):
         self.forward_calls += 1
@@ -64,14 +75,7 @@ class ScriptedModel:
             last = int(positions[row, -1])
             slots = (block_table[row].unsqueeze(1) * block_size + torch.arange(block_size)).reshape(-1)
             history = self.cache[slots[:last + 1]].tolist()
-            known = self._rows.get(int(block_table[row, 0]))
-            if known is not None and history[:len(known[0])] == known[0] \
-                    and history[len(known[0]):] == known[1][:len(history) - len(known[0])]:
-                cut, reply = len(known[0]), known[1]  # same prompt, and so far exactly its reply
-            else:
-                cut = self._split(history)
-                reply = self._reply(tuple(history[:cut]))
-                self._rows[int(block_table[row, 0])] = (history[:cut], reply)
-            done = len(history) - cut
+            prompt, reply = self._sequence(history, int(block_table[row, last // block_size]))
+            done = len(history) - len(prompt)
             logits[row, reply[done] if done < len(reply) else self.im_end] = 1e4
         return logits

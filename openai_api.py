@@ -1,0 +1,322 @@
+"""OpenAI-compatible endpoints on the same engine, limits and keys: ``GET /v1/models`` and
+``POST /v1/chat/completions`` (server-sent events with ``stream: true``). One model call per request:
+an OpenAI client runs its own tool loop."""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from engine import SamplingParams
+from jsonrpc import strict_json_loads
+from models import ErrorCode, ToolDefinition, Usage
+from shared import Runtime
+from tasks import TaskFailure
+from utils import TOOL_OPEN, TurnOutput, build_prompt_ids, model_turn, submit
+
+log = logging.getLogger("inference.openai")
+STATUS_OF = {ErrorCode.CONTEXT_LENGTH_EXCEEDED: (400, "invalid_request_error", "context_length_exceeded"),
+             ErrorCode.OVERLOADED: (503, "server_error", "overloaded"),
+             ErrorCode.ENGINE_UNAVAILABLE: (503, "server_error", "engine_unavailable"),
+             ErrorCode.GENERATION_FAILED: (500, "server_error", "generation_failed")}
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code, self.headers = \
+            status, message, type_, param, code, headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+# ---- the request -----------------------------------------------------------------------------------------------
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    def text(self) -> str | None:
+        if self.content is None or isinstance(self.content, str):
+            return self.content
+        if any(p.type != "text" for p in self.content):
+            raise OpenAIError(400, "only text content parts are supported", param="messages")
+        return "".join(p.text or "" for p in self.content)
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: dict[str, Any]
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    n: int = 1
+    logprobs: bool | None = None
+    top_k: int | None = Field(default=None, ge=0)  # extensions other servers accept too (via extra_body)
+    min_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stops(cls, value: Any) -> Any:
+        stops = [value] if isinstance(value, str) else [] if value is None else value
+        if isinstance(stops, list) and (len(stops) > 16 or any(not s for s in stops)):
+            raise ValueError("at most 16 non-empty stop strings")
+        return stops
+
+
+# ---- request -> engine ------------------------------------------------------------------------------------------------
+def to_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if m.role == "assistant" and m.tool_calls:
+            calls = []
+            for call in m.tool_calls:
+                fn = call.get("function") or {}
+                args = fn.get("arguments", "{}")
+                try:
+                    args = strict_json_loads(args) if isinstance(args, str) else args
+                except ValueError:
+                    raise OpenAIError(400, "tool call arguments must be a JSON object", param="messages") from None
+                calls.append({"id": call.get("id"), "type": "function",
+                              "function": {"name": fn.get("name"), "arguments": args}})
+            out.append({"role": "assistant", "content": m.text() or "", "tool_calls": calls})
+        elif m.role == "tool":
+            out.append({"role": "tool", "content": m.text() or "", "tool_call_id": m.tool_call_id, "name": m.name})
+        else:
+            text = m.text()
+            if text is None:
+                raise OpenAIError(400, f"a {m.role} message needs content", param="messages")
+            out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+    return out
+
+
+def tools_and_prefix(req: ChatRequest) -> tuple[list[ToolDefinition], str]:
+    """The tools to show the model, and the text that forces a call (tool_choice required / a named tool)."""
+    tools = req.tools or []
+    choice = req.tool_choice
+    if choice == "none":
+        return [], ""
+    if choice == "required":
+        if not tools:
+            raise OpenAIError(400, 'tool_choice "required" needs tools', param="tool_choice")
+        return tools, TOOL_OPEN + '\n{"name": "'
+    if isinstance(choice, NamedToolChoice):
+        name = choice.function.get("name")
+        if name not in {t.name for t in tools}:
+            raise OpenAIError(400, f"tool_choice names an unknown tool {name!r}", param="tool_choice")
+        return tools, TOOL_OPEN + '\n{"name": ' + json.dumps(name) + ', "arguments": '
+    return tools, ""
+
+
+def check_limits(rt: Runtime, req: ChatRequest) -> int:
+    """Apply the server's limits; the max_new_tokens to use."""
+    s = rt.settings
+    if req.n != 1:
+        raise OpenAIError(400, "only n=1 is supported", param="n")
+    if req.logprobs:
+        raise OpenAIError(400, "logprobs are not supported", param="logprobs")
+    if len(req.messages) > s.max_history_messages:
+        raise OpenAIError(400, f"at most {s.max_history_messages} messages", param="messages")
+    if any(len(m.text() or "") > s.max_message_chars for m in req.messages):
+        raise OpenAIError(400, f"a message is longer than {s.max_message_chars} characters",
+                          param="messages")
+    from session_socket import tools_problem
+
+    if req.tools and (problem := tools_problem(s, req.tools)):
+        raise OpenAIError(400, f"tools exceed the server's limits: {problem}", param="tools")
+    wanted = req.max_completion_tokens or req.max_tokens
+    if wanted is not None and wanted > s.max_new_tokens_cap:
+        raise OpenAIError(400, f"max_tokens must be <= {s.max_new_tokens_cap}", param="max_tokens")
+    return wanted or min(s.default_max_new_tokens, s.max_new_tokens_cap)
+
+
+def sampling(rt: Runtime, req: ChatRequest, max_new: int) -> SamplingParams:
+    d = rt.model.defaults
+    temperature = d.temperature if req.temperature is None else req.temperature
+    greedy = (req.temperature is None and not d.do_sample) or temperature == 0
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return SamplingParams(
+        max_new_tokens=max_new, temperature=0.0 if greedy else temperature, top_p=pick(req.top_p, d.top_p) or 1.0,
+        top_k=pick(req.top_k, d.top_k), min_p=pick(req.min_p, d.min_p),
+        repetition_penalty=pick(req.repetition_penalty, d.repetition_penalty),
+        presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+        seed=req.seed, stop_token_ids=rt.model.stop_token_ids)
+
+
+# ---- responses -------------------------------------------------------------------------------------------------------
+def tool_calls_of(result: TurnOutput) -> list[dict[str, Any]]:
+    return [{"id": f"call_{secrets.token_hex(12)}", "type": "function",
+             "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
+            for c in result.calls]
+
+
+def finish_reason(result: TurnOutput) -> str:
+    return "tool_calls" if result.calls else result.finish_reason.value
+
+
+def usage_of(usage: Usage) -> dict[str, Any]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+
+
+async def chat_completions(request: Request) -> Response:
+    rt: Runtime = request.app.state.runtime
+    try:
+        return await _chat_completions(request, rt)
+    except OpenAIError as exc:
+        rt.metrics.count("chat.completions", exc.status)
+        return exc.response()
+    except Exception:  # a bug: the client gets OpenAI's error shape, the server goes on
+        log.exception("chat completion failed")
+        rt.metrics.count("chat.completions", 500)
+        return OpenAIError(500, "internal error", "server_error").response()
+
+
+async def _chat_completions(request: Request, rt: Runtime) -> Response:
+    if rt.draining:
+        raise OpenAIError(503, "the server is shutting down", "server_error")
+    owner = rt.keys.from_header(request.headers.get("authorization"))
+    if owner is None:
+        raise OpenAIError(401, "missing or invalid API key", code="invalid_api_key")
+    caller = owner if rt.keys.enabled else f"addr:{request.client.host if request.client else '-'}"
+    if retry := rt.limiter.acquire(caller):
+        raise OpenAIError(429, "rate limit reached", code="rate_limit_exceeded",
+                          headers={"Retry-After": str(max(1, round(retry)))})
+    raw = await request.body()
+    if len(raw) > rt.settings.ws_max_message_bytes:
+        raise OpenAIError(413, f"the body is larger than {rt.settings.ws_max_message_bytes} bytes")
+    try:
+        req = ChatRequest.model_validate(strict_json_loads(raw))
+    except (ValueError, RecursionError) as exc:
+        if isinstance(exc, ValidationError):
+            first = exc.errors(include_url=False)[0]
+            raise OpenAIError(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}",
+                              param=str(first["loc"][0]) if first["loc"] else None) from None
+        raise OpenAIError(400, "the request body is not valid JSON") from None
+    if req.model not in served_names(rt):
+        raise OpenAIError(404, f"the model {req.model!r} does not exist; this server serves {rt.model.name!r}",
+                          param="model", code="model_not_found")
+    max_new = check_limits(rt, req)
+    tools, prefix = tools_and_prefix(req)
+    try:
+        prompt_ids = build_prompt_ids(rt.tokenizer, to_messages(req.messages), tools)
+    except OpenAIError:
+        raise
+    except Exception as exc:
+        raise OpenAIError(400, f"the chat template cannot render these messages: {exc}", param="messages") from None
+    if prefix:
+        prompt_ids += rt.tokenizer.encode(prefix, add_special_tokens=False)
+    limit = rt.settings.max_prompt_tokens
+    if limit and len(prompt_ids) > limit:
+        raise OpenAIError(400, f"prompt has {len(prompt_ids)} tokens; at most {limit} are accepted",
+                          param="messages", code="context_length_exceeded")
+    try:
+        stream = submit(rt, prompt_ids, sampling(rt, req, max_new), None)
+    except TaskFailure as failure:
+        status, type_, code = STATUS_OF.get(failure.error.code, (500, "server_error", None))
+        raise OpenAIError(status, failure.error.message, type_, code=code) from None
+    rt.metrics.count("chat.completions")
+    completion_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+    log.info("chat completion %s: prompt %d tokens, max_tokens %d, stream %s", completion_id, len(prompt_ids),
+             max_new, req.stream)
+    if req.stream:
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        return StreamingResponse(sse(rt, req, stream, prefix, completion_id, created, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    usage, result = Usage(), TurnOutput()
+    try:
+        async for _ in model_turn(rt, stream, req.stop, usage, result, prefix):
+            pass
+    except TaskFailure as failure:
+        status, type_, code = STATUS_OF.get(failure.error.code, (500, "server_error", None))
+        raise OpenAIError(status, failure.error.message, type_, code=code) from None
+    message: dict[str, Any] = {"role": "assistant", "content": result.text or (None if result.calls else "")}
+    if result.calls:
+        message["tool_calls"] = tool_calls_of(result)
+    return JSONResponse({"id": completion_id, "object": "chat.completion", "created": created, "model": req.model,
+                         "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(result),
+                                      "logprobs": None}],
+                         "usage": usage_of(usage)})
+
+
+async def sse(rt: Runtime, req: ChatRequest, stream: Any, prefix: str, completion_id: str, created: int,
+              include_usage: bool) -> AsyncIterator[str]:
+    """The stream as server-sent events; the engine request is aborted if the client goes away."""
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+        if include_usage:
+            body.setdefault("usage", None)
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    usage, result = Usage(), TurnOutput()
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        async for text in model_turn(rt, stream, req.stop, usage, result, prefix):
+            yield chunk({"content": text})
+    except TaskFailure as failure:
+        status, type_, code = STATUS_OF.get(failure.error.code, (500, "server_error", None))
+        yield f"data: {json.dumps(OpenAIError(status, failure.error.message, type_, code=code).body())}\n\n"
+        yield "data: [DONE]\n\n"
+        return
+    if result.calls:
+        calls = [{"index": i, **call} for i, call in enumerate(tool_calls_of(result))]
+        yield chunk({"tool_calls": calls})
+    yield chunk({}, finish_reason(result))
+    if include_usage:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                "choices": [], "usage": usage_of(usage)}
+        yield f"data: {json.dumps(body)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def served_names(rt: Runtime) -> set[str]:
+    return {rt.model.name, rt.settings.model_id}
+
+
+async def list_models(request: Request) -> Response:
+    rt: Runtime = request.app.state.runtime
+    if rt.keys.from_header(request.headers.get("authorization")) is None:
+        return OpenAIError(401, "missing or invalid API key", code="invalid_api_key").response()
+    return JSONResponse({"object": "list", "data": [{
+        "id": rt.model.name, "object": "model", "created": int(rt.started_at), "owned_by": "local",
+        "root": rt.settings.model_id, "max_model_len": rt.engine.engine.max_context, **rt.model.serving_info}]})
