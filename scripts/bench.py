@@ -89,7 +89,9 @@ def build_random(size: str, device: str, nf4: bool) -> tuple[torch.nn.Module, di
     config = Qwen2Config(**shape, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
                          initializer_range=0.02 if size != "tiny" else 0.5)
     config._attn_implementation = "sdpa"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    from shared import cpu_dtype
+
+    dtype = torch.bfloat16 if device == "cuda" else getattr(torch, cpu_dtype())
     started = time.perf_counter()
     with torch.device(device):
         model = Qwen2ForCausalLM(config).to(dtype).eval()
