@@ -24,7 +24,7 @@ install-dev: $(VENV)/.installed-dev
 
 serve: $(VENV)/.installed
 	@if [ -z "$$INFERENCE_MODEL_ID" ] && ! grep -qs '^INFERENCE_MODEL_ID=' .env && [ ! -f Qwen-14B/config.json ]; then \
-		echo "No model configured: downloading Qwen/Qwen2.5-14B-Instruct (scripts/download_14b_model.py)"; \
+		echo "No model configured: downloading one (scripts/download_14b_model.py: the 14B with a GPU, else the 0.5B)"; \
 		$(BIN)/python scripts/download_14b_model.py; \
 	fi
 	$(BIN)/python server_starlette.py

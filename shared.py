@@ -339,6 +339,9 @@ def load_model(settings: Settings) -> LoadedModel:
              settings.model_id, model.config.model_type, nparams / 1e9, quant, kwargs["dtype"],
              settings.attn_implementation, device, elapsed, gpu)
     info = {"device": device, "quantization": quant, "dtype": str(kwargs["dtype"]).removeprefix("torch.")}
+    if device == "cpu":
+        info["note"] = "no CUDA GPU: running unquantized on the CPU (Qwen2.5-14B-Instruct in NF4 needs a GPU)"
+        log.warning("%s: serving %s on the CPU", info["note"], settings.model_id)
     return LoadedModel(model, tokenizer, PagedQwen2(model), _generation_defaults(model.generation_config),
                        _stop_ids(model, tokenizer), settings.served_model_name or Path(settings.model_id).name
                        or settings.model_id, int(getattr(model.config, "max_position_embeddings", 32768)), info)
