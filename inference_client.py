@@ -1,0 +1,603 @@
+"""An asyncio client for the server's WebSocket JSON-RPC protocol, and a terminal chat.
+
+    python inference_client.py --url http://localhost:8000 [--tools tools.json] [--api-key KEY]
+
+Library use::
+
+    async with Client("http://localhost:8000") as client:
+        session = await client.create_session(tools=[get_weather])   # plain functions become tools
+        async for event in session.generate(message="Weather in London?"):
+            ...                                                       # TextChunk, ToolCalls, FinalText, Error, End
+
+Only ``websockets`` and the standard library are used.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import signal
+import sys
+import threading
+import types
+import typing
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+
+# ---- errors and events ----------------------------------------------------------------------------------------
+class RpcError(Exception):
+    """A JSON-RPC error response (``code`` as in the README's table)."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(f"[{code}] {message}")
+        self.code, self.message, self.data = code, message, data
+
+
+class ApiError(Exception):
+    """An HTTP error from the server: ``create_session`` refused, or the WebSocket handshake refused."""
+
+    def __init__(self, status: int, message: str, body: str = "") -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status, self.message, self.body = status, message, body
+
+    @classmethod
+    def from_body(cls, status: int, reason: str, body: str) -> ApiError:
+        """The error, with the message of the server's ``{"error": {"message": ...}}`` body when there is one."""
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            reason = str(json.loads(body)["error"]["message"])
+        return cls(status, reason, body)
+
+
+class ClientClosed(ConnectionError):
+    """The session's socket closed: every pending request and event wait ends with this."""
+
+
+@dataclass
+class ToolCall:
+    """One call of a ``function_call_request``; ``answered`` when a registered handler already replied."""
+
+    call_id: str
+    tool: str
+    parameters: dict[str, Any]
+    answered: bool = False
+    result: Any = None
+    error: str | None = None
+
+    def reply(self, result: Any = None, error: str | None = None) -> dict[str, Any]:
+        """This call's item for ``tool_result``: a result, or an error message (sent with ``isError``)."""
+        return {"tool_name": self.tool, "call_id": self.call_id, "result": result,
+                "isError": error is not None, "error_message": error}
+
+
+@dataclass
+class TextChunk:
+    text: str
+
+
+@dataclass
+class ToolCalls:
+    """The model called tools. Calls whose ``answered`` is False are yours to answer with
+    ``session.tool_result(task_id, [call.reply(...)])``."""
+
+    task_id: str
+    calls: list[ToolCall]
+
+    @property
+    def pending(self) -> list[ToolCall]:
+        return [c for c in self.calls if not c.answered]
+
+
+@dataclass
+class FinalText:
+    text: str
+
+
+@dataclass
+class Error:
+    code: int
+    message: str
+    data: Any = None
+
+
+@dataclass
+class End:
+    finish_reason: str
+    usage: dict[str, int] = field(default_factory=dict)
+
+
+Event = TextChunk | ToolCalls | FinalText | Error | End
+
+
+# ---- tools ----------------------------------------------------------------------------------------------------
+_JSON_TYPES: dict[Any, str] = {str: "string", int: "integer", float: "number", bool: "boolean",
+                               list: "array", tuple: "array", set: "array", dict: "object"}
+
+
+def _schema_of(annotation: Any) -> dict[str, Any]:
+    """The JSON schema of a simple type hint (``{}``, meaning anything, for the rest)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        return _schema_of(rest[0]) if len(rest) == 1 else {}
+    if origin is typing.Literal:
+        return {"enum": list(args)}
+    if origin in (list, set) and args:
+        return {"type": "array", "items": _schema_of(args[0])}
+    kind = _JSON_TYPES.get(origin or annotation)
+    return {"type": kind} if kind else {}
+
+
+@dataclass
+class Tool:
+    """A tool definition in the server's shape, with an optional local ``handler`` that answers its calls."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+    handler: Callable[..., Any] | None = None
+
+    @classmethod
+    def from_function(cls, fn: Callable[..., Any], name: str | None = None) -> Tool:
+        """A tool from a function: name, first docstring paragraph, a schema from its signature and hints."""
+        try:
+            hints = typing.get_type_hints(fn)
+        except Exception:  # noqa: BLE001 (unresolvable hints: the parameters count as untyped)
+            hints = {}
+        properties, required = {}, []
+        for param in inspect.signature(fn).parameters.values():
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            properties[param.name] = _schema_of(hints.get(param.name, Any))
+            if param.default is param.empty:
+                required.append(param.name)
+        doc = (inspect.getdoc(fn) or "").split("\n\n")[0].strip()
+        schema = {"type": "object", "properties": properties, **({"required": required} if required else {})}
+        return cls(name or fn.__name__, doc, schema, fn)
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any], handler: Callable[..., Any] | None = None) -> Tool:
+        """A tool from the server's shape (OpenAI's ``{"type": "function", "function": {...}}`` too)."""
+        if spec.get("type") == "function" and isinstance(spec.get("function"), Mapping):
+            spec = spec["function"]
+        params = spec.get("parameters") or {"type": "object", "properties": {}}
+        return cls(spec["name"], spec.get("description", ""), dict(params), handler)
+
+    def definition(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "parameters": self.parameters}
+
+
+ToolsArg = Iterable[Tool | Mapping[str, Any] | Callable[..., Any]] | Mapping[str, Any] | None
+
+
+def as_tools(tools: ToolsArg) -> list[Tool]:
+    """Normalise ``tools``: a list of Tools, dicts or functions, or a ``{name: function or dict}`` mapping."""
+    if tools is None:
+        return []
+    if isinstance(tools, Mapping):
+        return [Tool.from_function(v, name) if callable(v) else v if isinstance(v, Tool)
+                else Tool.from_dict({**v, "name": name}) for name, v in tools.items()]
+    return [t if isinstance(t, Tool) else Tool.from_dict(t) if isinstance(t, Mapping) else Tool.from_function(t)
+            for t in tools]
+
+
+# ---- a session: one socket, one reader task --------------------------------------------------------------------
+_CLOSED = object()  # put into every event queue when the socket closes
+
+
+class Generation:
+    """One ``generate`` task. ``await`` it to start it (raises RpcError), or iterate it directly; iteration
+    yields its events and stops after ``End``. ``text``, ``final_text``, ``finish_reason`` and ``usage``
+    fill in as events arrive."""
+
+    def __init__(self, session: Session, params: dict[str, Any]) -> None:
+        self.session, self.params = session, params
+        self.task_id: str | None = None
+        self.text, self.final_text, self.finish_reason = "", None, None
+        self.usage: dict[str, int] = {}
+        self._queue: asyncio.Queue[Any] | None = None
+        self._done = False
+
+    async def start(self) -> Generation:
+        if self.task_id is None:
+            result = await self.session.call("generate", self.params)
+            self.task_id = result["task_id"]
+            self._queue = self.session._queue_for(self.task_id)
+        return self
+
+    def __await__(self) -> Any:
+        return self.start().__await__()
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._done:
+            raise StopAsyncIteration
+        await self.start()
+        while True:
+            message = await self._queue.get()
+            if message is _CLOSED:
+                self._done = True
+                raise ClientClosed("the socket closed before the task ended")
+            event = await self._event(message.get("method"), message.get("params") or {})
+            if event is not None:
+                return event
+
+    async def _event(self, method: str | None, p: dict[str, Any]) -> Event | None:
+        if method == "text_chunk":
+            self.text += p["chunk"]
+            return TextChunk(p["chunk"])
+        if method == "function_call_request":
+            calls = [ToolCall(c["call_id"], c["tool"], c.get("parameters") or {}) for c in p["tool_calls"]]
+            await self.session._answer(self.task_id, calls)
+            return ToolCalls(self.task_id, calls)
+        if method == "final_text":
+            self.final_text = p["final_text"]
+            return FinalText(p["final_text"])
+        if method == "error":
+            e = p.get("error") or {}
+            return Error(e.get("code", 0), e.get("message", ""), e.get("data"))
+        if method == "end":
+            self._done = True
+            self.session._queues.pop(self.task_id, None)
+            self.finish_reason, self.usage = p["finish_reason"], p.get("usage") or {}
+            return End(self.finish_reason, self.usage)
+        return None  # a notification this client does not know: skipped
+
+
+class Session:
+    """A server session over its WebSocket. Make one with ``Client.create_session`` or ``Client.attach``."""
+
+    def __init__(self, session_id: str, ws: ClientConnection, tools: list[Tool], timeout: float) -> None:
+        self.session_id, self.timeout = session_id, timeout
+        self.tools: dict[str, Tool] = {t.name: t for t in tools}
+        self._ws = ws
+        self._override = False  # tools were added after creation: send them with each generate
+        self._next_id = 0
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._queues: dict[str, asyncio.Queue[Any]] = {}
+        self.closed = False  # the socket closed (by either side)
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    def tool(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Register ``fn`` as the handler of the tool of its name (a decorator). A tool the session was not
+        created with is described from ``fn`` and sent with every later ``generate``."""
+        if fn.__name__ in self.tools:
+            self.tools[fn.__name__].handler = fn
+        else:
+            self.tools[fn.__name__], self._override = Tool.from_function(fn), True
+        return fn
+
+    def generate(self, message: str | None = None, *, history: list[dict[str, Any]] | None = None,
+                 tools: ToolsArg = None, **sampling: Any) -> Generation:
+        """Start a task: ``message`` appends a user turn, ``history`` replaces the conversation. ``sampling``:
+        max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, do_sample, stop, seed, ..."""
+        params: dict[str, Any] = {k: v for k, v in sampling.items() if v is not None}
+        if message is not None:
+            params["message"] = message
+        if history is not None:
+            params["history"] = history
+        if tools is not None:
+            request_tools = as_tools(tools)
+            self.tools.update((t.name, t) for t in request_tools)
+            params["tools"] = [t.definition() for t in request_tools]
+        elif self._override:
+            params["tools"] = [t.definition() for t in self.tools.values()]
+        return Generation(self, params)
+
+    async def ask(self, message: str, **sampling: Any) -> str:
+        """Send ``message`` and return the final text. Calls without a handler are answered with an error;
+        a task that fails raises RpcError."""
+        gen, error = self.generate(message, **sampling), None
+        async for event in gen:
+            if isinstance(event, ToolCalls) and event.pending:
+                await self.tool_result(event.task_id, [c.reply(error=f"no handler for tool {c.tool!r}")
+                                                       for c in event.pending])
+            elif isinstance(event, Error):
+                error = RpcError(event.code, event.message, event.data)
+        if error is not None:
+            raise error
+        return gen.final_text if gen.final_text is not None else gen.text
+
+    async def tool_result(self, task_id: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+        """Answer tool calls by hand (``ToolCall.reply`` builds the items)."""
+        return await self.call("tool_result", {"task_id": task_id, "results": results})
+
+    async def cancel(self, task_id: str | None = None) -> dict[str, Any]:
+        """Cancel the running task (RpcError -32002 when there is none); its events end with End("cancelled")."""
+        return await self.call("cancel", {"task_id": task_id} if task_id else {})
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        """Send one JSON-RPC request and return its result; an error response raises RpcError."""
+        if self.closed:
+            raise ClientClosed("the session's socket is closed")
+        self._next_id += 1
+        rid, future = self._next_id, asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        try:
+            await self._ws.send(json.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params or {}},
+                                           default=str))
+            reply = await asyncio.wait_for(future, self.timeout)
+        except ConnectionClosed as exc:
+            raise ClientClosed(f"the socket closed: {exc}") from None
+        finally:
+            self._pending.pop(rid, None)
+        if "error" in reply:
+            e = reply["error"]
+            raise RpcError(e.get("code", 0), e.get("message", ""), e.get("data"))
+        return reply.get("result")
+
+    async def close(self) -> None:
+        """Close the socket (the server cancels a running task; the session itself stays, see ``attach``)."""
+        await self._ws.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+    def _queue_for(self, task_id: str) -> asyncio.Queue[Any]:
+        queue = self._queues.setdefault(task_id, asyncio.Queue())
+        if self.closed and queue.empty():
+            queue.put_nowait(_CLOSED)
+        return queue
+
+    async def _read(self) -> None:
+        try:
+            async for raw in self._ws:
+                with contextlib.suppress(ValueError):  # not JSON: nothing to route it to
+                    message = json.loads(raw)
+                    for item in message if isinstance(message, list) else [message]:
+                        self._route(item)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.closed = True
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(ClientClosed("the socket closed before the response came"))
+            for queue in self._queues.values():
+                queue.put_nowait(_CLOSED)
+
+    def _route(self, message: Any) -> None:
+        if not isinstance(message, dict):
+            return
+        if "method" in message:  # a notification: to its task's events
+            task_id = (message.get("params") or {}).get("task_id")
+            if task_id is not None:
+                self._queue_for(task_id).put_nowait(message)
+        elif (future := self._pending.get(message.get("id"))) is not None and not future.done():
+            future.set_result(message)
+
+    async def _answer(self, task_id: str, calls: list[ToolCall]) -> None:
+        """Run the registered handlers of ``calls`` (concurrently; sync ones in threads) and send one
+        ``tool_result`` with all their results."""
+        handled = [c for c in calls if (t := self.tools.get(c.tool)) is not None and t.handler is not None]
+        if not handled:
+            return
+        await asyncio.gather(*(self._run(self.tools[c.tool].handler, c) for c in handled))
+        try:
+            await self.tool_result(task_id, [c.reply(c.result, c.error) for c in handled])
+        except RpcError as exc:
+            if exc.code not in (-32003, -32007):  # -32003/-32007: the task ended meanwhile (e.g. cancelled)
+                raise
+
+    @staticmethod
+    async def _run(handler: Callable[..., Any], call: ToolCall) -> None:
+        try:
+            if inspect.iscoroutinefunction(handler):
+                call.result = await handler(**call.parameters)
+            else:
+                call.result = await asyncio.to_thread(handler, **call.parameters)
+                if inspect.isawaitable(call.result):
+                    call.result = await call.result
+        except Exception as exc:  # noqa: BLE001 (any failure goes back to the model, which may recover)
+            call.error = f"{type(exc).__name__}: {exc}"
+        call.answered = True
+
+
+class Client:
+    """Talks to one server. ``url``: ``http(s)://host:port`` (or ``host:port``); ``api_key`` is sent as
+    ``Authorization: Bearer`` on every HTTP request and WebSocket handshake. ``timeout``: seconds to wait for
+    any one response."""
+
+    def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 60.0) -> None:
+        url = url if "://" in url else f"http://{url}"
+        self.url = url.rstrip("/").replace("ws://", "http://", 1).replace("wss://", "https://", 1)
+        self.ws_url = self.url.replace("http", "ws", 1)
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = timeout
+        self.sessions: list[Session] = []
+
+    async def create_session(self, tools: ToolsArg = None) -> Session:
+        """Create a session with ``tools`` (functions with handlers, Tools or dicts) and connect to it."""
+        tool_list = as_tools(tools)
+        body = await asyncio.to_thread(self._post, "/create_session", {"tools": [t.definition() for t in tool_list]})
+        return await self._connect(body["session_id"], tool_list)
+
+    async def attach(self, session_id: str, tools: ToolsArg = None) -> Session:
+        """Reconnect to an existing session (the server kept its conversation); ``tools`` register handlers."""
+        return await self._connect(session_id, as_tools(tools))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.close() for s in self.sessions), return_exceptions=True)
+        self.sessions.clear()
+
+    async def __aenter__(self) -> Client:  # noqa: PYI034
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _post(self, path: str, payload: Any) -> Any:
+        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(), method="POST",
+                                         headers={"Content-Type": "application/json", **self.headers})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as exc:
+            raise ApiError.from_body(exc.code, str(exc.reason), exc.read().decode(errors="replace")) from None
+
+    async def _connect(self, session_id: str, tools: list[Tool]) -> Session:
+        try:
+            ws = await connect(f"{self.ws_url}/ws/{session_id}", additional_headers=self.headers, max_size=None,
+                               compression=None, open_timeout=self.timeout)
+        except InvalidStatus as exc:
+            response = exc.response
+            raise ApiError.from_body(response.status_code, response.reason_phrase,
+                                     (response.body or b"").decode(errors="replace")) from None
+        session = Session(session_id, ws, tools, self.timeout)
+        self.sessions.append(session)
+        return session
+
+
+# ---- the terminal chat ------------------------------------------------------------------------------------------
+class Terminal:
+    """Lines from stdin (read by a daemon thread, so a pending read never blocks exit) and Ctrl-C as an event."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out, self.loop = out, asyncio.get_running_loop()
+        self.lines: asyncio.Queue[str | None] = asyncio.Queue()
+        self.interrupt = asyncio.Event()
+        self.eof, self.fresh_line = False, True
+        threading.Thread(target=self._read_stdin, daemon=True).start()
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows: Ctrl-C raises there
+            self.loop.add_signal_handler(signal.SIGINT, self.interrupt.set)
+
+    def _read_stdin(self) -> None:
+        for line in sys.stdin:
+            self.loop.call_soon_threadsafe(self.lines.put_nowait, line.rstrip("\n"))
+        self.loop.call_soon_threadsafe(self.lines.put_nowait, None)
+
+    def write(self, text: str, *, own_line: bool = False) -> None:
+        """Write ``text`` now; ``own_line``: start it on a fresh line."""
+        text = "\n" + text if own_line and not self.fresh_line else text
+        if text:
+            self.out.write(text)
+            self.out.flush()
+            self.fresh_line = text.endswith("\n")
+
+    async def readline(self, prompt: str) -> str | None:
+        """The next line, or None at EOF or on Ctrl-C."""
+        self.write(prompt)
+        if self.eof:
+            return None
+        self.interrupt.clear()
+        line, stop = asyncio.ensure_future(self.lines.get()), asyncio.ensure_future(self.interrupt.wait())
+        done, _ = await asyncio.wait({line, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if line in done:
+            self.eof = line.result() is None
+            self.fresh_line = not self.eof  # the user's Enter ended the line
+            return line.result()
+        line.cancel()
+        return None
+
+
+async def _cancel_on_interrupt(session: Session, term: Terminal) -> None:
+    while True:
+        await term.interrupt.wait()
+        term.interrupt.clear()
+        with contextlib.suppress(RpcError, ClientClosed):  # the task may have just ended
+            await session.cancel()
+
+
+async def _turn(session: Session, term: Terminal, text: str, sampling: dict[str, Any]) -> None:
+    """One question: stream the answer, show tool calls, answer the ones without a canned result by hand."""
+    term.interrupt.clear()
+    watcher = asyncio.create_task(_cancel_on_interrupt(session, term))
+    gen = session.generate(text, **sampling)
+    try:
+        async for event in gen:
+            if isinstance(event, TextChunk):
+                term.write(event.text)
+            elif isinstance(event, ToolCalls):
+                for call in event.calls:
+                    shown = f"error: {call.error}" if call.error else json.dumps(call.result, ensure_ascii=False,
+                                                                                   default=str)
+                    term.write(f"[tool] {call.tool}({json.dumps(call.parameters, ensure_ascii=False)})"
+                               + (f" -> {shown}\n" if call.answered else "\n"), own_line=True)
+                replies = []
+                for call in event.pending:
+                    line = await term.readline(f"result of {call.tool} (JSON)> ")
+                    if line is None:  # Ctrl-C (the watcher cancels) or EOF
+                        replies = []
+                        if term.eof:
+                            await session.cancel()
+                        break
+                    try:
+                        replies.append(call.reply(json.loads(line)))
+                    except ValueError:
+                        replies.append(call.reply(line))
+                if replies:
+                    await session.tool_result(event.task_id, replies)
+            elif isinstance(event, Error):
+                term.write(f"[error {event.code}] {event.message}\n", own_line=True)
+            elif isinstance(event, End):
+                term.write("" if event.finish_reason == "stop" else f"[{event.finish_reason}]\n", own_line=True)
+    except RpcError as exc:
+        term.write(f"[error {exc.code}] {exc.message}\n", own_line=True)
+        if gen.task_id is not None and gen.finish_reason is None:  # a refused tool_result: end the task
+            with contextlib.suppress(RpcError):
+                await session.cancel(gen.task_id)
+    finally:
+        watcher.cancel()
+
+
+def load_tools(path: str) -> list[Tool]:
+    """Tools from a JSON list of definitions; one with a ``"result"`` is answered with it, always."""
+    def canned(value: Any) -> Callable[..., Any]:
+        return lambda **_: value
+
+    with open(path, encoding="utf-8") as f:
+        specs = json.load(f)
+    return [Tool.from_dict({k: v for k, v in spec.items() if k != "result"},
+                           canned(spec["result"]) if "result" in spec else None) for spec in specs]
+
+
+async def chat(args: argparse.Namespace, tools: list[Tool], out: TextIO = sys.stdout) -> int:
+    """The terminal chat loop; returns the exit status."""
+    term = Terminal(out)
+    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    try:
+        async with Client(args.url, args.api_key) as client:
+            session = await client.create_session(tools)
+            while (line := await term.readline("> ")) is not None:
+                if line.strip():
+                    await _turn(session, term, line, sampling)
+    except (ApiError, ClientClosed, OSError) as exc:
+        term.write(f"error: {exc}\n", own_line=True)
+        return 1
+    term.write("", own_line=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Chat with the inference server in a terminal.")
+    parser.add_argument("--url", default="http://localhost:8000", help="the server (default: %(default)s)")
+    parser.add_argument("--tools", help="a JSON list of tool definitions; a tool's optional \"result\" is a canned "
+                                        "answer, else you are asked for a JSON result")
+    parser.add_argument("--api-key", default=os.environ.get("INFERENCE_API_KEY") or None,
+                        help="API key (default: $INFERENCE_API_KEY)")
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None)
+    args = parser.parse_args(argv)
+    try:
+        tools = load_tools(args.tools) if args.tools else []
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        parser.error(f"--tools {args.tools}: {exc!r}")
+    try:
+        return asyncio.run(chat(args, tools))
+    except KeyboardInterrupt:  # where no signal handler could be installed
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
