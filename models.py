@@ -157,6 +157,7 @@ class GenerateRequestParams(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
     stop: list[str] | None = Field(default=None, max_length=16)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
+    ignore_eos: bool = False  # keep generating past end-of-turn until max_new_tokens (benchmarks, load tests)
 
     _unique = field_validator("tools")(_unique_tool_names)
 

@@ -65,7 +65,7 @@ def sampling_params(p: GenerateRequestParams, defaults: GenerationDefaults, max_
         top_p=pick(p.top_p, defaults.top_p) or 1.0, top_k=pick(p.top_k, defaults.top_k),
         min_p=pick(p.min_p, defaults.min_p), repetition_penalty=pick(p.repetition_penalty, defaults.repetition_penalty),
         presence_penalty=p.presence_penalty or 0.0, frequency_penalty=p.frequency_penalty or 0.0,
-        seed=p.seed, stop_token_ids=stop_token_ids)
+        seed=p.seed, stop_token_ids=stop_token_ids, ignore_eos=p.ignore_eos)
 
 
 # ---- streaming text ------------------------------------------------------------------------------------------------

@@ -225,6 +225,7 @@ def test_request_values_override_defaults():
     got = (sp.temperature, sp.top_p, sp.top_k, sp.min_p, sp.repetition_penalty, sp.seed)
     assert got == (1.3, 0.5, 7, 0.1, 1.2, 11)
     assert sp.max_new_tokens == 33 and sp.stop_token_ids == STOP_IDS
+    assert not sp.ignore_eos and sampling_params(params(ignore_eos=True), QWEN_DEFAULTS, 5, STOP_IDS).ignore_eos
 
 
 @pytest.mark.parametrize("kw", [{"do_sample": False}, {"temperature": 0.0}, {"do_sample": True, "temperature": 0}])

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import replace
 
 import httpx
 import pytest
@@ -105,7 +104,8 @@ def test_sigterm_on_a_real_server_process(tiny_model_dir, tmp_path, grace, new_t
         async def go():
             async with connect(f"ws://127.0.0.1:{port}/ws/{sid}") as ws:
                 await ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "generate", "params": {
-                    "message": "hello", "max_new_tokens": new_tokens, "do_sample": True, "seed": 3}}))
+                    "message": "hello", "max_new_tokens": new_tokens, "do_sample": True, "seed": 3,
+                    "ignore_eos": finish == "cancelled"}}))
                 first = [json.loads(await ws.recv()) for _ in range(2)]  # the response and a first chunk
                 proc.send_signal(signal.SIGTERM)
                 rest, code = await collect_until_closed(ws)
