@@ -408,8 +408,11 @@ def test_abort_running_and_waiting_requests(make_engine, reference):
     assert c.tokens == reference(pc, 12)
     stats = engine.stats()
     assert (stats["running"], stats["waiting"], stats["queued"]) == (0, 0, 0)
-    # only the aborted session's tail is still held, until the session is released
-    assert list(engine.blocks.tails) == ["sa"] and engine.blocks.num_in_use == 1
+    # only the aborted session's tail (its partial last block, if the KV written so far -- every token but the
+    # last sampled one -- does not end on a block boundary) is still held, until the session is released
+    partial = (len(pa) + len(a.tokens) - 1) % BS != 0
+    assert list(engine.blocks.tails) == (["sa"] if partial else [])
+    assert engine.blocks.num_in_use == int(partial)
     engine.release_session("sa")
     wait_until(lambda: engine.blocks.num_in_use == 0)
 
