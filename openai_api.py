@@ -42,7 +42,7 @@ class OpenAIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-# ---- the request -----------------------------------------------------------------------------------------------
+# ---- the request -----------------------------------------------------------------------------------------------------
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
@@ -102,7 +102,7 @@ class ChatRequest(BaseModel):
         return stops
 
 
-# ---- request -> engine ------------------------------------------------------------------------------------------------
+# ---- request -> engine -----------------------------------------------------------------------------------------------
 def to_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for m in messages:

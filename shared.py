@@ -91,7 +91,8 @@ class Settings:
     quantization: str = _setting("INFERENCE_QUANTIZATION", _choice("auto", "nf4", "none"), "auto",
                                  "auto = nf4 on CUDA, none on CPU")
     dtype: str = _setting("INFERENCE_DTYPE", _choice("auto", "float32", "bfloat16", "float16"), "auto",
-                          "weights dtype when not quantized; auto = bfloat16 on CUDA and on CPUs with native bfloat16, else float32")
+                          "weights dtype when not quantized; auto = bfloat16 on CUDA and on CPUs with native "
+                          "bfloat16, else float32")
     device: str = _setting("INFERENCE_DEVICE", _choice("auto", "cuda", "cpu"), "auto", "auto = cuda when available")
     host: str = _setting("INFERENCE_HOST", _text, "0.0.0.0", "listen address")
     port: int = _setting("INFERENCE_PORT", _int(1, 65535), 8000, "listen port")

@@ -64,8 +64,10 @@ bad_generate = st.one_of(
                        min_size=1, max_size=2)),
     st.builds(lambda n: {"message": "hi", "max_new_tokens": n},
               st.one_of(st.integers(max_value=0), st.integers(min_value=10**6, max_value=10**30))),
-    st.builds(lambda t: {"message": "hi", "temperature": t}, st.floats(max_value=-0.001, allow_nan=False, allow_infinity=False)),
-    st.builds(lambda t: {"message": "hi", "top_p": t}, st.floats(min_value=1.001, max_value=1e300, allow_infinity=False)),
+    st.builds(lambda t: {"message": "hi", "temperature": t},
+              st.floats(max_value=-0.001, allow_nan=False, allow_infinity=False)),
+    st.builds(lambda t: {"message": "hi", "top_p": t},
+              st.floats(min_value=1.001, max_value=1e300, allow_infinity=False)),
     st.builds(lambda t: {"message": "hi", "tools": t}, st.lists(json_leaf, min_size=1, max_size=2)),
     st.just({}),
 ).map(lambda p: {"jsonrpc": "2.0", "method": "generate", "params": p, "id": 7}).map(lambda o: frame(o, -32602))

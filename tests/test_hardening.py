@@ -75,7 +75,7 @@ async def handshake_status(url: str, **kw) -> int:
     return info.value.response.status_code
 
 
-# ---- pure pieces ------------------------------------------------------------------------------------------------
+# ---- pure pieces -----------------------------------------------------------------------------------------------------
 def test_api_keys_check():
     keys = ApiKeys([KEY_A, KEY_B])
     assert keys.check(KEY_A) == key_id(KEY_A) and keys.check(KEY_B) == key_id(KEY_B)
@@ -119,7 +119,7 @@ def test_rate_limiter_token_bucket():
     assert RateLimiter(0).acquire("a") == 0
 
 
-# ---- authentication on every route and the handshake ----------------------------------------------------------------
+# ---- authentication on every route and the handshake -----------------------------------------------------------------
 def test_http_routes_require_a_valid_key(keyed):
     assert post(keyed, "/create_session").status_code == 401
     assert post(keyed, "/create_session", "wrong").status_code == 401
@@ -194,7 +194,7 @@ def test_warning_without_keys_beyond_loopback(base_settings, caplog):
     assert len(warnings) == 1
 
 
-# ---- Origin and Host ---------------------------------------------------------------------------------------------------
+# ---- Origin and Host -------------------------------------------------------------------------------------------------
 def test_foreign_origin_is_refused_before_accept(keyed):
     sid = new_session(keyed, KEY_A)
     url = f"ws://{keyed.base}/ws/{sid}"
@@ -221,7 +221,7 @@ def test_origin_and_host_allow_lists(base_settings):
         assert r.status_code == 400
 
 
-# ---- limits and backpressure ----------------------------------------------------------------------------------------
+# ---- limits and backpressure -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def limited(base_settings):
     settings = replace(base_settings, max_tools=2, max_tool_schema_bytes=300, max_message_chars=2000,
@@ -403,7 +403,7 @@ def test_stalled_reader_is_dropped_and_its_task_cancelled(base_settings):
             sock.close()
 
 
-# ---- observability -----------------------------------------------------------------------------------------------------
+# ---- observability ---------------------------------------------------------------------------------------------------
 def test_ready_and_metrics(keyed):
     sid = new_session(keyed, KEY_A)
 
@@ -426,7 +426,7 @@ def test_ready_and_metrics(keyed):
     assert re.search(r"inference_generated_tokens_total [1-9]", text)
 
 
-# ---- failures ------------------------------------------------------------------------------------------------------------
+# ---- failures --------------------------------------------------------------------------------------------------------
 def test_injected_out_of_memory_fails_only_that_step(keyed):
     sid = new_session(keyed, KEY_A)
     model = keyed.model

@@ -28,7 +28,8 @@ def test_values_are_parsed_and_typed():
 
 
 @pytest.mark.parametrize("env, fragment", [
-    ({"INFERENCE_QUANTIZATION": "int8"}, "INFERENCE_QUANTIZATION='int8' is invalid: allowed values are auto, nf4, none"),
+    ({"INFERENCE_QUANTIZATION": "int8"},
+     "INFERENCE_QUANTIZATION='int8' is invalid: allowed values are auto, nf4, none"),
     ({"INFERENCE_ATTN_IMPLEMENTATION": "eager"}, "allowed values are sdpa, flash_attention_2"),
     ({"INFERENCE_BNB_COMPUTE_DTYPE": "float8"}, "INFERENCE_BNB_COMPUTE_DTYPE"),
     ({"INFERENCE_PORT": "http"}, "INFERENCE_PORT='http' is invalid: must be an integer"),
