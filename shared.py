@@ -88,6 +88,9 @@ class Settings:
                                         "attention implementation the model is loaded with")
     bnb_compute_dtype: str = _setting("INFERENCE_BNB_COMPUTE_DTYPE", _choice("bfloat16", "float16"), "bfloat16",
                                       "compute dtype of the 4-bit layers")
+    nf4_kernel: str = _setting("INFERENCE_NF4_KERNEL", _choice("auto", "triton", "bnb"), "auto",
+                               "NF4 matmuls: triton (fused kernels on bitsandbytes' storage), bnb (its own kernels); "
+                               "auto = triton where it runs, else bnb")
     quantization: str = _setting("INFERENCE_QUANTIZATION", _choice("auto", "nf4", "none"), "auto",
                                  "auto = nf4 on CUDA, none on CPU")
     dtype: str = _setting("INFERENCE_DTYPE", _choice("auto", "float32", "bfloat16", "float16"), "auto",
@@ -340,10 +343,15 @@ def load_model(settings: Settings) -> LoadedModel:
              settings.model_id, model.config.model_type, nparams / 1e9, quant, kwargs["dtype"],
              settings.attn_implementation, device, elapsed, gpu)
     info = {"device": device, "quantization": quant, "dtype": str(kwargs["dtype"]).removeprefix("torch.")}
+    paged = PagedQwen2(model)
+    if quant == "nf4":
+        from engine import nf4
+
+        info["nf4_kernel"] = nf4.install(paged, settings.nf4_kernel)
     if device == "cpu":
         info["note"] = "no CUDA GPU: running unquantized on the CPU (Qwen2.5-14B-Instruct in NF4 needs a GPU)"
         log.warning("%s: serving %s on the CPU", info["note"], settings.model_id)
-    return LoadedModel(model, tokenizer, PagedQwen2(model), _generation_defaults(model.generation_config),
+    return LoadedModel(model, tokenizer, paged, _generation_defaults(model.generation_config),
                        _stop_ids(model, tokenizer), settings.served_model_name or Path(settings.model_id).name
                        or settings.model_id, int(getattr(model.config, "max_position_embeddings", 32768)), info)
 

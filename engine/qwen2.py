@@ -3,7 +3,9 @@
 The HF model is loaded as usual (``from_pretrained``, NF4 or not); this class runs its layers with our
 own attention so that rows of one batch can sit at different positions and the cache has fixed
 shapes (what continuous batching and CUDA graphs need). Everything else (embeddings, norms, rotary
-embedding with its scaling, the MLP, bitsandbytes linears, lm_head) is the model's own code.
+embedding with its scaling, the MLP, bitsandbytes linears, lm_head) is the model's own code, except that
+with NF4 weights the projections may run as fused Triton kernels over the same storage (``engine/nf4.py``,
+set in ``projections``).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class PagedQwen2:
             log.warning("model config enables sliding-window attention; this engine attends to the full context")
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.projections: list | None = None  # engine.nf4.LayerProjections per layer, when installed
 
     def kv_bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
@@ -64,23 +67,30 @@ class PagedQwen2:
         key_pos = torch.arange(ctx, device=input_ids.device)
         mask = (key_pos.view(1, 1, 1, ctx) <= positions.view(bsz, 1, seqlen, 1))
         slots = slot_mapping.reshape(-1)
+        projections = self.projections
         for i, layer in enumerate(model.layers):
+            proj = projections[i] if projections is not None else None
             residual = hidden
             x = layer.input_layernorm(hidden)
-            x = self._attention(layer.self_attn, x, cos, sin, mask, slots, block_table, block_size, i)
+            x = self._attention(layer.self_attn, x, cos, sin, mask, slots, block_table, block_size, i, proj)
             hidden = residual + x
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            x = layer.post_attention_layernorm(hidden)
+            hidden = hidden + (proj.mlp(x) if proj is not None else layer.mlp(x))
         last = model.norm(hidden[:, -1, :])
         return self.hf.lm_head(last).float()
 
     def _attention(self, attn: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    mask: torch.Tensor, slots: torch.Tensor, block_table: torch.Tensor, block_size: int,
-                   layer_idx: int) -> torch.Tensor:
+                   layer_idx: int, proj=None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         d, kvh = self.head_dim, self.num_kv_heads
-        q = attn.q_proj(x).view(bsz, seqlen, -1, d)
-        k = attn.k_proj(x).view(bsz, seqlen, kvh, d)
-        v = attn.v_proj(x).view(bsz, seqlen, kvh, d)
+        if proj is not None:
+            q, k, v = proj.qkv(x).split([proj.q_size, proj.kv_size, proj.kv_size], dim=-1)
+            q, k, v = q.view(bsz, seqlen, -1, d), k.view(bsz, seqlen, kvh, d), v.reshape(bsz, seqlen, kvh, d)
+        else:
+            q = attn.q_proj(x).view(bsz, seqlen, -1, d)
+            k = attn.k_proj(x).view(bsz, seqlen, kvh, d)
+            v = attn.v_proj(x).view(bsz, seqlen, kvh, d)
         if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
@@ -98,4 +108,5 @@ class PagedQwen2:
         mask = mask if groups == 1 else mask.repeat(1, 1, groups, 1)
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=attn.scaling)
         out = out.view(bsz, kvh * groups, seqlen, d)
-        return attn.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
+        return proj.o(out) if proj is not None else attn.o_proj(out)

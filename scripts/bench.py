@@ -59,7 +59,7 @@ def ms(x: float) -> float:
 
 
 # ---- model -----------------------------------------------------------------------------------------------
-def quantize_nf4(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
+def quantize_nf4(model: torch.nn.Module, compute_dtype: torch.dtype, device: str = "cuda") -> int:
     """Swap every decoder nn.Linear for a bitsandbytes Linear4bit (NF4 + double quant), as from_pretrained does."""
     import bitsandbytes as bnb
 
@@ -72,12 +72,14 @@ def quantize_nf4(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
                                           compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
                                           device="meta")
                     q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True,
-                                                 quant_type="nf4", blocksize=64).to("cuda")
+                                                 quant_type="nf4", blocksize=64).to(device)
+                    q.support_avx512bf16_for_cpu = False  # CPU dry runs: keep bitsandbytes' storage layout
                     if child.bias is not None:
                         q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
                     setattr(module, name, q)
                     count += 1
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return count
 
 
@@ -92,6 +94,8 @@ def build_random(size: str, device: str, nf4: bool) -> tuple[torch.nn.Module, di
     from shared import cpu_dtype
 
     dtype = torch.bfloat16 if device == "cuda" else getattr(torch, cpu_dtype())
+    if nf4 and device == "cpu":  # the CPU dry run: Triton's interpreter gets bfloat16 tl.dot wrong
+        dtype = torch.float32
     started = time.perf_counter()
     with torch.device(device):
         model = Qwen2ForCausalLM(config).to(dtype).eval()
@@ -100,7 +104,7 @@ def build_random(size: str, device: str, nf4: bool) -> tuple[torch.nn.Module, di
             "params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3)}
     if nf4:
         started = time.perf_counter()
-        info["nf4_linears"] = quantize_nf4(model, dtype)
+        info["nf4_linears"] = quantize_nf4(model, dtype, device)
         info["quantize_s"] = round(time.perf_counter() - started, 1)
     return model, info
 
@@ -372,6 +376,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline-requests", type=int, default=2, help="seed-design requests measured (0 skips)")
     p.add_argument("--prefill-chunk", type=int, default=2048)
     p.add_argument("--no-graphs", action="store_true", help="eager decode (to measure what graphs buy)")
+    p.add_argument("--nf4-kernel", choices=["both", "triton", "bnb"], default="both",
+                   help="NF4 models: measure bitsandbytes' kernels, ours (fused Triton), or both in the same run")
+    p.add_argument("--nf4-on-cpu", action="store_true", help="dry run of the NF4 paths on the CPU (random weights; "
+                   "with TRITON_INTERPRET=1 for ours)")
     p.add_argument("--server", action="store_true", help="also measure the whole server path over WebSockets")
     p.add_argument("--server-streams", type=int, default=8)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -383,6 +391,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.size = args.size or ("14b" if cuda else "tiny")
     args.streams = [int(s) for s in (args.streams or ("1,8,32,64" if cuda else "1,8")).split(",")]
     return args
+
+
+def nf4_kernels(paged: PagedQwen2, args: argparse.Namespace, nf4_model: bool, out: dict[str, Any]) -> list[str]:
+    """Which NF4 matmul paths to measure ([] for an unquantized model); installs ours when asked for."""
+    if not nf4_model:
+        return []
+    from engine import nf4
+
+    wanted = ["bnb", "triton"] if args.nf4_kernel == "both" else [args.nf4_kernel]
+    if "triton" in wanted and paged.projections is None:
+        started = time.perf_counter()
+        if nf4.install(paged, "triton") != "triton":
+            out["errors"]["nf4_triton"] = "the Triton kernels could not run here (see the log): bnb only"
+            wanted = ["bnb"]
+        out["nf4_install_s"] = round(time.perf_counter() - started, 1)
+    out["nf4_kernels"] = wanted
+    return wanted
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -400,11 +425,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.model:
         hf_model, info, loaded = load_checkpoint(args.model)
     else:
-        hf_model, info = build_random(args.size, "cuda" if cuda else "cpu", nf4=cuda)
+        hf_model, info = build_random(args.size, "cuda" if cuda else "cpu", nf4=cuda or args.nf4_on_cpu)
     out["model"] = info
     if cuda:
         out["gpu_memory_weights_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
-    paged = PagedQwen2(hf_model)
+    paged = loaded.paged_model if loaded is not None else PagedQwen2(hf_model)
     log(f"model ready: {info}")
 
     def section(name: str, fn: Any) -> Any:
@@ -421,7 +446,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seed = section("seed_design", lambda: seed_design(hf_model, args.prompt_len, args.new_tokens,
                                                            args.baseline_requests, paged.vocab_size))
         out["seed_design"] = seed
-    section("engine", lambda: engine_section(paged, args, seed, out))
+    nf4_model = (cuda or args.nf4_on_cpu) and (loaded is None or loaded.serving_info.get("quantization") == "nf4")
+    kernels = nf4_kernels(paged, args, nf4_model, out)
+    if not kernels:
+        section("engine", lambda: engine_section(paged, args, seed, out))
+    projections = paged.projections
+    for kernel in kernels:  # bitsandbytes' kernels first, then ours (what the server then runs), same weights
+        paged.projections = projections if kernel == "triton" else None
+        log(f"engine with NF4 kernel: {kernel}")
+        sub: dict[str, Any] = {}
+        section(f"engine[{kernel}]", lambda sub=sub: engine_section(paged, args, seed, sub))
+        out.setdefault("by_nf4_kernel", {})[kernel] = sub
+        out.update(sub)
+    if set(kernels) == {"bnb", "triton"}:
+        by = out["by_nf4_kernel"]
+        out["triton_vs_bnb"] = {n: round(by["triton"]["engine"][n]["aggregate_tok_s"]
+                                         / by["bnb"]["engine"][n]["aggregate_tok_s"], 2)
+                                for n in by["triton"].get("engine", {}) if n in by["bnb"].get("engine", {})}
     if args.server:
         log(f"server path: {args.server_streams} streams over WebSockets")
         out["server"] = section("server", lambda: server_section(hf_model, paged, args, loaded))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 import sys
 
@@ -13,6 +14,9 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 torch.set_num_threads(1)  # 2-core CI machines: avoids erratic slowdowns when another process runs
+if not torch.cuda.is_available():
+    # The NF4 Triton kernels run under Triton's interpreter on the CPU; Triton reads this when it is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _load_make_tiny_model():

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import importlib.util
 
+import pytest
+import torch
+
 from conftest import REPO_ROOT
 
 
-def test_bench_runs_every_section_on_the_cpu(tmp_path):
+def load_bench():
     spec = importlib.util.spec_from_file_location("bench", REPO_ROOT / "scripts" / "bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_runs_every_section_on_the_cpu(tmp_path):
+    bench = load_bench()
     out = bench.main(["--size", "tiny", "--streams", "1,3", "--prompt-len", "40", "--new-tokens", "12",
                       "--followup-context", "150", "--followup-new", "20", "--baseline-requests", "1",
                       "--server", "--server-streams", "2", "--threads", "1", "--out", str(tmp_path / "b.json")])
@@ -23,3 +31,19 @@ def test_bench_runs_every_section_on_the_cpu(tmp_path):
     assert follow["cached_tokens_warm"] >= 150  # the first turn's prompt and output came from the warm cache
     assert out["server"]["streams"] == 2 and out["server"]["ws_tpot_p50_ms"] > 0
     assert (tmp_path / "b.json").read_text().startswith("{")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real thing: make bench")
+def test_bench_compares_both_nf4_paths_in_one_run():
+    """The GPU benchmark's NF4 flow, dry-run on the CPU: bitsandbytes' kernels, then ours (interpreted) on the
+    same weights, and the ratio between them."""
+    pytest.importorskip("triton")  # interpreted: tests/conftest.py sets TRITON_INTERPRET=1 without a GPU
+    out = load_bench().main(["--size", "tiny", "--nf4-on-cpu", "--streams", "2", "--prompt-len", "16",
+                             "--new-tokens", "4", "--followup-context", "0", "--baseline-requests", "0",
+                             "--threads", "1"])
+    assert out["errors"] == {} and out["nf4_kernels"] == ["bnb", "triton"]
+    for kernel in ("bnb", "triton"):
+        assert out["by_nf4_kernel"][kernel]["engine"]["2"]["aggregate_tok_s"] > 0
+    by = out["by_nf4_kernel"]
+    assert out["triton_vs_bnb"] == {"2": round(by["triton"]["engine"]["2"]["aggregate_tok_s"]
+                                              / by["bnb"]["engine"]["2"]["aggregate_tok_s"], 2)}

@@ -84,3 +84,44 @@ def test_nf4_from_pretrained_with_the_real_14b_layer_shapes(tmp_path):
     finally:
         engine.stop()
     assert error is None and len(tokens) == 16
+    # the fused Triton NF4 kernels are what the server selected, and they give bitsandbytes' greedy tokens
+    paged = loaded.paged_model
+    assert loaded.serving_info["nf4_kernel"] == "triton" and paged.projections is not None
+    projections, outputs = paged.projections, {}
+    for kernel in ("triton", "bnb"):
+        paged.projections = projections if kernel == "triton" else None
+        engine = Engine(paged, EngineConfig(max_running=4, max_context=4096, block_size=64, kv_cache_bytes=2**30))
+        engine.start()
+        try:
+            outputs[kernel] = [o[0] for o in _run(engine, [list(range(100, 400)), list(range(7, 40))], 24)]
+        finally:
+            engine.stop()
+    assert outputs["triton"] == outputs["bnb"]
+
+
+QWEN14B_SHAPES = {"q": (5120, 5120), "k": (1024, 5120), "o": (5120, 5120), "gate": (13824, 5120),
+                  "down": (5120, 13824)}
+
+
+@pytest.mark.parametrize("name", sorted(QWEN14B_SHAPES))
+def test_nf4_kernels_on_the_real_shapes(name):
+    """Our kernels vs bitsandbytes' dequantize_4bit(W) @ x for every Qwen2.5-14B projection, M in 1..64."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    from engine import nf4
+
+    n, k = QWEN14B_SHAPES[name]
+    torch.manual_seed(0)
+    lin = bnb.nn.Linear4bit(k, n, bias=name == "q", compute_dtype=torch.bfloat16, quant_type="nf4")
+    lin.weight = bnb.nn.Params4bit(torch.randn(n, k) * 0.02, requires_grad=False, quant_type="nf4",
+                                   compress_statistics=True, blocksize=64)
+    lin = lin.cuda()
+    w = nf4.from_bnb(lin)
+    ref_w = F.dequantize_4bit(lin.weight.data, lin.weight.quant_state).float()
+    for m in (1, 2, 7, 16, 33, 64):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        want = x.float() @ ref_w.T + (lin.bias.float() if lin.bias is not None else 0)
+        got = nf4.nf4_matmul(x, w).float()
+        err = (got - want).abs().max().item() / want.abs().max().item()
+        assert err < 1e-2, (name, m, err)

@@ -1,0 +1,133 @@
+"""Triton kernels: ``x @ W.T (+ bias)`` straight from bitsandbytes' NF4 storage, dequantizing in registers.
+
+Imported only where Triton is installed (the CUDA build of torch ships it; CPU tests run these kernels under
+``TRITON_INTERPRET=1``). The storage is bitsandbytes' own (see ``engine/nf4.py``): for a weight [N, K] in
+row-major order, element ``j = n*K + k`` is the high nibble of byte ``j // 2`` when ``j`` is even, the low
+nibble when odd; its scale is ``absmax[j // 64]``, itself double-quantized: ``code2[absmax_q[b]] *
+absmax2[nb] + offset2[nb]`` with ``nb`` the block's 256-block of its own (pre-fusion) weight. A fused weight
+is up to three weights stacked by rows (q/k/v, gate/up); ``r1, r2`` are the rows where the second and third
+start and ``nb1, nb2`` their first nested blocks, so every value is the one bitsandbytes would produce.
+
+Each program computes a [BLOCK_M, BLOCK_N] tile of the output over its share of K (split-K: partial sums go
+to a float32 workspace that the caller reduces; without split the bias is added and the tile stored here).
+Even and odd columns are handled as two half-width matrices (high and low nibbles) against the even and odd
+columns of x, so no interleaving is needed in registers. Small M (GEMV) multiplies-and-reduces on the CUDA
+cores and applies each 64-block's scale once to its partial sum; larger M dequantizes the tile to the
+activation dtype and uses ``tl.dot`` (tensor cores).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _scales(absq_ptr, abs2_ptr, off2_ptr, code2_ptr, rn, t, N, KB, r1, r2, nb1, nb2,
+            G: tl.constexpr, BLOCK_N: tl.constexpr, NESTED: tl.constexpr):
+    """float32 scales [BLOCK_N, G] of the 64-blocks ``t*G .. t*G+G-1`` of rows ``rn``."""
+    g = t * G + tl.arange(0, G)
+    blk = rn[:, None].to(tl.int64) * KB + g[None, :]  # global 64-block index, [BLOCK_N, G]
+    mask = (rn < N)[:, None] & (g < KB)[None, :]
+    if NESTED:
+        q = tl.load(absq_ptr + blk, mask=mask, other=0).to(tl.int32)
+        seg1 = rn >= r1
+        seg2 = rn >= r2
+        row0 = tl.where(seg2, r2, tl.where(seg1, r1, 0)).to(tl.int64)
+        nest0 = tl.where(seg2, nb2, tl.where(seg1, nb1, 0)).to(tl.int64)
+        nb = nest0[:, None] + (blk - row0[:, None] * KB) // 256
+        scale = tl.load(code2_ptr + q) * tl.load(abs2_ptr + nb, mask=mask, other=0.0) \
+            + tl.load(off2_ptr + nb, mask=mask, other=0.0)
+    else:
+        scale = tl.load(absq_ptr + blk, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def nf4_gemv_kernel(x_ptr, codes_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, nf4_ptr, bias_ptr, out_ptr,
+                    M, N, K, stride_xm, stride_om, r1, r2, nb1, nb2,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                    NESTED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One row of x per program along axis 2: out[m, n-tile] over this program's K range."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    G: tl.constexpr = BLOCK_K // 64
+    KB = K // 64
+    half_k = K // 2
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    gi = tl.arange(0, G)
+    bi = tl.arange(0, 32)
+    num_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(num_tiles, SPLIT_K)
+    start = pid_k * per_split
+    stop = tl.minimum(start + per_split, num_tiles)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    row_bytes = rn.to(tl.int64) * half_k
+    for t in range(start, stop):
+        kb = t * (BLOCK_K // 2) + gi[:, None] * 32 + bi[None, :]  # byte index within a row, [G, 32]
+        kmask = kb < half_k
+        wmask = (rn < N)[:, None, None] & kmask[None, :, :]
+        packed = tl.load(codes_ptr + row_bytes[:, None, None] + kb[None, :, :], mask=wmask, other=0)
+        w_hi = tl.load(nf4_ptr + (packed >> 4).to(tl.int32))
+        w_lo = tl.load(nf4_ptr + (packed & 15).to(tl.int32))
+        x_even = tl.load(x_ptr + m * stride_xm + 2 * kb, mask=kmask, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_ptr + m * stride_xm + 2 * kb + 1, mask=kmask, other=0.0).to(tl.float32)
+        part = tl.sum(w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :], axis=2)  # [BLOCK_N, G]
+        scale = _scales(absq_ptr, abs2_ptr, off2_ptr, code2_ptr, rn, t, N, KB, r1, r2, nb1, nb2,
+                        G, BLOCK_N, NESTED)
+        acc += tl.sum(part * scale, axis=1)
+    nmask = rn < N
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tl.store(out_ptr + (pid_k * M + m) * N + rn, acc, mask=nmask)
+
+
+@triton.jit
+def nf4_gemm_kernel(x_ptr, codes_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, nf4_ptr, bias_ptr, out_ptr,
+                    M, N, K, stride_xm, stride_om, r1, r2, nb1, nb2,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                    NESTED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """A [BLOCK_M, BLOCK_N] output tile with tensor cores: the NF4 tile is dequantized to x's dtype."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    G: tl.constexpr = BLOCK_K // 64
+    HALF: tl.constexpr = BLOCK_K // 2
+    KB = K // 64
+    half_k = K // 2
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    hb = tl.arange(0, HALF)
+    num_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(num_tiles, SPLIT_K)
+    start = pid_k * per_split
+    stop = tl.minimum(start + per_split, num_tiles)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_bytes = rn.to(tl.int64) * half_k
+    mmask = rm < M
+    for t in range(start, stop):
+        kb = t * HALF + hb  # byte index within a row, [HALF]
+        kmask = kb < half_k
+        packed = tl.load(codes_ptr + row_bytes[:, None] + kb[None, :], mask=(rn < N)[:, None] & kmask[None, :],
+                         other=0)
+        scale = _scales(absq_ptr, abs2_ptr, off2_ptr, code2_ptr, rn, t, N, KB, r1, r2, nb1, nb2,
+                        G, BLOCK_N, NESTED)
+        w_hi = tl.reshape(tl.reshape(tl.load(nf4_ptr + (packed >> 4).to(tl.int32)), (BLOCK_N, G, 32))
+                          * scale[:, :, None], (BLOCK_N, HALF))
+        w_lo = tl.reshape(tl.reshape(tl.load(nf4_ptr + (packed & 15).to(tl.int32)), (BLOCK_N, G, 32))
+                          * scale[:, :, None], (BLOCK_N, HALF))
+        xmask = mmask[:, None] & kmask[None, :]
+        x_even = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * kb[None, :], mask=xmask, other=0.0)
+        x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * kb[None, :] + 1, mask=xmask, other=0.0)
+        acc = tl.dot(x_even, tl.trans(w_hi.to(x_even.dtype)), acc)
+        acc = tl.dot(x_odd, tl.trans(w_lo.to(x_odd.dtype)), acc)
+    omask = mmask[:, None] & (rn < N)[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        tl.store(out_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=omask)
