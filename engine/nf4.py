@@ -173,7 +173,7 @@ def pick_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
     """A tuned entry if there is one, else a heuristic: enough programs to fill every SM a few times over
     (split-K when N alone cannot), K tiles of 256 (128 contiguous bytes per row per step)."""
     kind = "gemv" if m <= GEMV_MAX_M else "gemm"
-    bucket_m = m if kind == "gemv" else (16 if m <= 16 else 32 if m <= 32 else 64)
+    bucket_m = m if kind == "gemv" else (16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128)
     tuned = TUNED.get((kind, n, k, bucket_m))
     if tuned is not None:
         return tuned
@@ -184,7 +184,7 @@ def pick_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
         programs = triton_cdiv(n, block_n)
         split = max(1, min(tiles, -(-4 * _sm_count(device) // programs)))
         return KernelConfig(0, block_n, block_k, split)
-    block_m, block_n = bucket_m, 64
+    block_m, block_n = min(bucket_m, 64), 64
     programs = triton_cdiv(n, block_n) * triton_cdiv(m, block_m)
     split = max(1, min(tiles, -(-2 * _sm_count(device) // programs)))
     return KernelConfig(block_m, block_n, min(block_k, 128), split)
@@ -238,14 +238,25 @@ def reference_matmul(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
 
 
 # ---- wiring into the model -------------------------------------------------------------------------------------------
-class NF4Linear:
-    """A callable projection: one NF4 weight through ``matmul`` (the Triton kernels by default)."""
+# Above this many rows (prefill chunks, very large decode batches) bitsandbytes' path (dequantize the whole
+# weight once, then a cuBLAS GEMM) wins over re-dequantizing the weight per tile of rows.
+MAX_KERNEL_ROWS = 128
 
-    def __init__(self, weight: NF4Weight, matmul: Callable[[torch.Tensor, NF4Weight], torch.Tensor]) -> None:
+
+class NF4Linear:
+    """A callable projection: one NF4 weight through ``matmul`` (the Triton kernels) for up to
+    ``MAX_KERNEL_ROWS`` rows, else through the bitsandbytes modules it was built from (concatenated)."""
+
+    def __init__(self, weight: NF4Weight, matmul: Callable[[torch.Tensor, NF4Weight], torch.Tensor],
+                 modules: Sequence[torch.nn.Module] = ()) -> None:
         self.weight = weight
         self.matmul = matmul
+        self.modules = list(modules)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.modules and x.numel() > MAX_KERNEL_ROWS * self.weight.k:
+            outs = [m(x) for m in self.modules]
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         return self.matmul(x, self.weight)
 
 
@@ -280,13 +291,14 @@ def build_projections(hf_model: torch.nn.Module,
     out = []
     for layer in layers:
         a, mlp = layer.self_attn, layer.mlp
+        qkv, gate_up = [a.q_proj, a.k_proj, a.v_proj], [mlp.gate_proj, mlp.up_proj]
         out.append(LayerProjections(
-            qkv=NF4Linear(fuse([a.q_proj, a.k_proj, a.v_proj]), matmul),
+            qkv=NF4Linear(fuse(qkv), matmul, qkv),
             q_size=a.q_proj.weight.quant_state.shape[0], kv_size=a.k_proj.weight.quant_state.shape[0],
-            o=NF4Linear(from_bnb(a.o_proj), matmul),
-            gate_up=NF4Linear(fuse([mlp.gate_proj, mlp.up_proj]), matmul),
+            o=NF4Linear(from_bnb(a.o_proj), matmul, [a.o_proj]),
+            gate_up=NF4Linear(fuse(gate_up), matmul, gate_up),
             intermediate=mlp.gate_proj.weight.quant_state.shape[0],
-            down=NF4Linear(from_bnb(mlp.down_proj), matmul), act=mlp.act_fn))
+            down=NF4Linear(from_bnb(mlp.down_proj), matmul, [mlp.down_proj]), act=mlp.act_fn))
     return out
 
 

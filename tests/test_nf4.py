@@ -182,6 +182,18 @@ def test_half_precision_activations(dtype):
         torch.testing.assert_close(got.float(), expected(x, [lin]), rtol=2e-2, atol=2e-2)
 
 
+def test_many_rows_go_through_the_bitsandbytes_modules():
+    """Prefill-sized inputs: bitsandbytes' dequantize-then-GEMM, on the same (fused) storage, same values."""
+    parts = [linear4bit(32, 64, seed=11), linear4bit(16, 64, seed=12)]
+    calls = []
+    proj = nf4.NF4Linear(nf4.fuse(parts), lambda x, w: calls.append(x.shape) or nf4.reference_matmul(x, w), parts)
+    small = torch.randn(2, 3, 64).to(DEVICE)
+    big = torch.randn(2, nf4.MAX_KERNEL_ROWS, 64).to(DEVICE)
+    torch.testing.assert_close(proj(small), expected(small, parts), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(proj(big), expected(big, parts), rtol=1e-4, atol=1e-4)
+    assert calls == [small.shape]
+
+
 def test_config_heuristic_fills_the_gpu():
     big = torch.device("cpu")
     for m, n, k in [(1, 5120, 5120), (1, 1024, 5120), (1, 5120, 13824), (8, 27648, 5120), (64, 7168, 5120)]:
