@@ -83,6 +83,8 @@ def supported(module: torch.nn.Module) -> bool:
     state = getattr(weight, "quant_state", None)
     if state is None or getattr(state, "quant_type", None) != "nf4" or state.blocksize != BLOCKSIZE:
         return False
+    if weight.data.dtype != torch.uint8:  # bnb_4bit_quant_storage other than uint8
+        return False
     if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes' AVX512 repack (CPU only): another layout
         return False
     if len(state.shape) != 2 or state.shape[1] % BLOCKSIZE:
@@ -110,6 +112,8 @@ def from_bnb(module: torch.nn.Module) -> NF4Weight:
 def fuse(modules: Sequence[torch.nn.Module]) -> NF4Weight:
     """Stack ``modules`` (same K, all nested or none) by rows into one weight, re-pointing each module's
     bitsandbytes storage to views of the fused buffers (their old storage is freed)."""
+    if not 1 <= len(modules) <= 3:
+        raise ValueError("the kernels take one to three fused parts")
     parts = [from_bnb(m) for m in modules]
     first = parts[0]
     if len({p.k for p in parts}) != 1 or len({p.nested for p in parts}) != 1:
@@ -135,8 +139,8 @@ def fuse(modules: Sequence[torch.nn.Module]) -> NF4Weight:
     for m, p in zip(modules, parts):
         state = m.weight.quant_state
         m.weight.data = codes[c0:c0 + p.codes.numel()].view(m.weight.data.shape)
+        state.absmax = absmax_q[a0:a0 + p.absmax_q.numel()].view(state.absmax.shape)
         if p.nested:
-            state.absmax = absmax_q[a0:a0 + p.absmax_q.numel()].view(state.absmax.shape)
             state.state2.absmax = absmax2[s0:s0 + p.absmax2.numel()].view(state.state2.absmax.shape)
         c0, a0, s0 = c0 + p.codes.numel(), a0 + p.absmax_q.numel(), s0 + p.absmax2.numel()
     return NF4Weight(codes, absmax_q, absmax2, offset2, first.code2, first.nf4, sum(p.n for p in parts), first.k,
@@ -146,7 +150,7 @@ def fuse(modules: Sequence[torch.nn.Module]) -> NF4Weight:
 # ---- the matmul ------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KernelConfig:
-    block_m: int  # 0: the GEMV kernel (one program per row of x)
+    block_m: int  # 0: the GEMV kernel (all of x's rows, at most GEMV_MAX_M, in each program)
     block_n: int
     block_k: int
     split_k: int
@@ -196,6 +200,8 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def nf4_matmul(x: torch.Tensor, w: NF4Weight, config: KernelConfig | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` for x [..., K] with the Triton kernels (no host sync; capturable in a CUDA graph)."""
+    import triton
+
     from engine import nf4_triton as kern
 
     shape = x.shape
@@ -212,8 +218,11 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, config: KernelConfig | None = None
     args = (x2, w.codes, w.absmax_q, w.absmax2 if w.nested else w.absmax_q, w.offset2 if w.nested else w.absmax_q,
             w.code2, w.nf4, bias, target, m, w.n, w.k, x2.stride(0), out.stride(0), rs[0], rs[1], ns[0], ns[1])
     if cfg.block_m == 0:
-        grid = (triton_cdiv(w.n, cfg.block_n), cfg.split_k, m)
-        kern.nf4_gemv_kernel[grid](*args, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+        if m > GEMV_MAX_M:
+            raise ValueError(f"the GEMV kernel takes at most {GEMV_MAX_M} rows, not {m}")
+        grid = (triton_cdiv(w.n, cfg.block_n), cfg.split_k)
+        kern.nf4_gemv_kernel[grid](*args, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n,
+                                   BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
                                    NESTED=w.nested, HAS_BIAS=w.bias is not None, num_warps=cfg.num_warps,
                                    num_stages=cfg.num_stages)
     else:
@@ -319,16 +328,18 @@ def triton_available() -> str | None:
 
 
 def self_check(proj: LayerProjections, dtype: torch.dtype, device: torch.device) -> str | None:
-    """Run the kernels once on the first layer's q/k/v against the reference; None when they agree."""
+    """Run the kernels once on each of the first layer's projections (GEMV and tensor-core paths) against the
+    reference dequantizer; None when they agree within the activation dtype's precision."""
     try:
         gen = torch.Generator(device="cpu").manual_seed(0)
-        for m in (1, GEMV_MAX_M + 1):
-            x = torch.randn(m, proj.qkv.weight.k, generator=gen).to(device=device, dtype=dtype)
-            got = nf4_matmul(x, proj.qkv.weight).float()
-            want = reference_matmul(x.float(), proj.qkv.weight)
-            err = (got - want).abs().max().item()
-            if not err <= 2e-2 * max(1.0, want.abs().max().item()):
-                return f"self-check mismatch at M={m}: max error {err:.3g}"
+        for name, lin in (("qkv", proj.qkv), ("o", proj.o), ("gate_up", proj.gate_up), ("down", proj.down)):
+            for m in (1, 3, GEMV_MAX_M + 1):
+                x = torch.randn(m, lin.weight.k, generator=gen).to(device=device, dtype=dtype)
+                got = nf4_matmul(x, lin.weight).float()
+                want = reference_matmul(x.float(), lin.weight).float()
+                err = (got - want).abs().max().item()
+                if not err <= 2e-2 * want.abs().max().item() + 1e-6:
+                    return f"self-check mismatch on {name} at M={m}: max error {err:.3g}"
     except Exception as exc:  # a compile or launch failure on this GPU/Triton: fall back, say why
         return f"{type(exc).__name__}: {exc}"
     return None

@@ -11,9 +11,9 @@ start and ``nb1, nb2`` their first nested blocks, so every value is the one bits
 Each program computes a [BLOCK_M, BLOCK_N] tile of the output over its share of K (split-K: partial sums go
 to a float32 workspace that the caller reduces; without split the bias is added and the tile stored here).
 Even and odd columns are handled as two half-width matrices (high and low nibbles) against the even and odd
-columns of x, so no interleaving is needed in registers. Small M (GEMV) multiplies-and-reduces on the CUDA
-cores and applies each 64-block's scale once to its partial sum; larger M dequantizes the tile to the
-activation dtype and uses ``tl.dot`` (tensor cores).
+columns of x, so no interleaving is needed in registers. Small M (GEMV, up to 4 rows in one program, so the
+weight is read once) multiplies-and-reduces on the CUDA cores and applies each 64-block's scale once to its
+partial sum; larger M dequantizes the tile to the activation dtype and uses ``tl.dot`` (tensor cores).
 """
 from __future__ import annotations
 
@@ -45,23 +45,23 @@ def _scales(absq_ptr, abs2_ptr, off2_ptr, code2_ptr, rn, t, N, KB, r1, r2, nb1, 
 @triton.jit
 def nf4_gemv_kernel(x_ptr, codes_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, nf4_ptr, bias_ptr, out_ptr,
                     M, N, K, stride_xm, stride_om, r1, r2, nb1, nb2,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                     NESTED: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """One row of x per program along axis 2: out[m, n-tile] over this program's K range."""
+    """Up to BLOCK_M (a few) rows of x: each weight tile is dequantized once and used for every row."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    m = tl.program_id(2)
     G: tl.constexpr = BLOCK_K // 64
     KB = K // 64
     half_k = K // 2
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
     gi = tl.arange(0, G)
     bi = tl.arange(0, 32)
     num_tiles = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(num_tiles, SPLIT_K)
     start = pid_k * per_split
     stop = tl.minimum(start + per_split, num_tiles)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row_bytes = rn.to(tl.int64) * half_k
     for t in range(start, stop):
         kb = t * (BLOCK_K // 2) + gi[:, None] * 32 + bi[None, :]  # byte index within a row, [G, 32]
@@ -70,19 +70,22 @@ def nf4_gemv_kernel(x_ptr, codes_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, n
         packed = tl.load(codes_ptr + row_bytes[:, None, None] + kb[None, :, :], mask=wmask, other=0)
         w_hi = tl.load(nf4_ptr + (packed >> 4).to(tl.int32))
         w_lo = tl.load(nf4_ptr + (packed & 15).to(tl.int32))
-        x_even = tl.load(x_ptr + m * stride_xm + 2 * kb, mask=kmask, other=0.0).to(tl.float32)
-        x_odd = tl.load(x_ptr + m * stride_xm + 2 * kb + 1, mask=kmask, other=0.0).to(tl.float32)
-        part = tl.sum(w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :], axis=2)  # [BLOCK_N, G]
         scale = _scales(absq_ptr, abs2_ptr, off2_ptr, code2_ptr, rn, t, N, KB, r1, r2, nb1, nb2,
                         G, BLOCK_N, NESTED)
-        acc += tl.sum(part * scale, axis=1)
-    nmask = rn < N
+        for m in tl.static_range(BLOCK_M):
+            xmask = kmask & ((kb * 0 + m) < M)
+            x_even = tl.load(x_ptr + m * stride_xm + 2 * kb, mask=xmask, other=0.0).to(tl.float32)
+            x_odd = tl.load(x_ptr + m * stride_xm + 2 * kb + 1, mask=xmask, other=0.0).to(tl.float32)
+            part = tl.sum(w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :], axis=2)  # [BLOCK_N, G]
+            row = tl.sum(part * scale, axis=1)  # scaled once per 64-block
+            acc += tl.where(rows[:, None] == m, row[None, :], 0.0)
+    omask = (rows < M)[:, None] & (rn < N)[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=nmask)
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
     else:
-        tl.store(out_ptr + (pid_k * M + m) * N + rn, acc, mask=nmask)
+        tl.store(out_ptr + (pid_k * M + rows[:, None]) * N + rn[None, :], acc, mask=omask)
 
 
 @triton.jit

@@ -96,6 +96,10 @@ def test_unsupported_layouts_are_refused():
     lin.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="fp4")
     assert not nf4.supported(lin.to(DEVICE))
     assert nf4.supported(linear4bit(16, 64))
+    bf16_storage = linear4bit(16, 64)
+    # bnb_4bit_quant_storage=bfloat16: the same bytes, two per element
+    bf16_storage.weight.data = bf16_storage.weight.data.reshape(-1, 2).view(torch.bfloat16)
+    assert not nf4.supported(bf16_storage)
 
 
 # ---- fusion ----------------------------------------------------------------------------------------------------------
@@ -130,11 +134,22 @@ def test_fusion_with_several_nested_blocks_per_part():
 def test_fusion_refuses_mismatched_parts():
     with pytest.raises(ValueError, match="same K"):
         nf4.fuse([linear4bit(16, 64), linear4bit(16, 128)])
+    with pytest.raises(ValueError, match="three"):
+        nf4.fuse([linear4bit(16, 64, seed=i) for i in range(4)])
+
+
+def test_fusion_without_double_quantization_re_points_the_scales_too():
+    parts = [linear4bit(16, 64, nested=False, seed=1), linear4bit(8, 64, nested=False, seed=2)]
+    want = torch.cat([bnb_weight(m) for m in parts])
+    fused = nf4.fuse(parts)
+    assert torch.equal(fused.dequantize(), want)
+    for m in parts:
+        assert m.weight.quant_state.absmax.untyped_storage().data_ptr() == fused.absmax_q.untyped_storage().data_ptr()
 
 
 # ---- the kernels -----------------------------------------------------------------------------------------------------
 @needs_triton
-@pytest.mark.parametrize("m", [1, 2, 7, 16, 33, 64])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 16, 33, 64])
 def test_kernels_match_bitsandbytes_for_every_m(m):
     lin = linear4bit(96, 320, seed=m)  # K = 320: five 64-blocks, not a multiple of the 256-wide K tile
     x = torch.randn(m, 320, generator=torch.Generator().manual_seed(m)).to(DEVICE)
@@ -154,7 +169,7 @@ def test_every_kernel_config_on_a_fused_weight(cfg):
     want_w = torch.cat([bnb_weight(m) for m in parts])
     bias = torch.cat([m.bias.float() for m in parts])
     fused = nf4.fuse(parts)
-    for m in (1, 5):
+    for m in (1, 3, 4) if cfg.block_m == 0 else (1, 5, 17):
         x = torch.randn(m, 384, generator=torch.Generator().manual_seed(m)).to(DEVICE)
         torch.testing.assert_close(nf4.nf4_matmul(x, fused, cfg).float(), x @ want_w.T + bias, rtol=1e-4, atol=1e-4)
 
