@@ -45,6 +45,7 @@ class NF4Weight:
     bias: torch.Tensor | None = None
     row_starts: tuple[int, ...] = (0,)  # first row of each fused part
     nested_starts: tuple[int, ...] = (0,)  # first nested block of each fused part
+    locks: torch.Tensor | None = None  # int32 split-K tile counters (the kernels leave them at zero)
 
     @property
     def nested(self) -> bool:
@@ -211,12 +212,17 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, config: KernelConfig | None = None
     m = x2.shape[0]
     cfg = config or pick_config(m, w.n, w.k, x.device)
     out = torch.empty(m, w.n, dtype=x.dtype, device=x.device)
-    target = out if cfg.split_k == 1 else torch.empty(cfg.split_k, m, w.n, dtype=torch.float32, device=x.device)
+    ws = out if cfg.split_k == 1 else torch.empty(cfg.split_k, m, w.n, dtype=torch.float32, device=x.device)
+    tiles = triton_cdiv(w.n, cfg.block_n) * (1 if cfg.block_m == 0 else triton_cdiv(m, cfg.block_m))
+    if w.locks is None or w.locks.numel() < tiles:  # split-K tile counters; every call leaves them at zero
+        w.locks = torch.zeros(max(tiles, triton_cdiv(w.n, 16) * triton_cdiv(MAX_KERNEL_ROWS, 16)),
+                              dtype=torch.int32, device=x.device)
     rs = (*w.row_starts[1:], w.n, w.n)[:2]
     ns = (*w.nested_starts[1:], 0, 0)[:2]
     bias = w.bias if w.bias is not None else w.nf4  # any pointer when there is none
-    args = (x2, w.codes, w.absmax_q, w.absmax2 if w.nested else w.absmax_q, w.offset2 if w.nested else w.absmax_q,
-            w.code2, w.nf4, bias, target, m, w.n, w.k, x2.stride(0), out.stride(0), rs[0], rs[1], ns[0], ns[1])
+    abs2, off2 = (w.absmax2, w.offset2) if w.nested else (w.absmax_q, w.absmax_q)  # unused without nesting
+    args = (x2, w.codes, w.absmax_q, abs2, off2, w.code2, w.nf4, bias, out, ws, w.locks, m, w.n, w.k,
+            x2.stride(0), out.stride(0), rs[0], rs[1], ns[0], ns[1])
     if cfg.block_m == 0:
         if m > GEMV_MAX_M:
             raise ValueError(f"the GEMV kernel takes at most {GEMV_MAX_M} rows, not {m}")
@@ -230,11 +236,6 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, config: KernelConfig | None = None
         kern.nf4_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                                    SPLIT_K=cfg.split_k, NESTED=w.nested, HAS_BIAS=w.bias is not None,
                                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.split_k > 1:
-        total = target.sum(0)
-        if w.bias is not None:
-            total += w.bias.float()
-        out.copy_(total)
     return out.view(*shape[:-1], w.n)
 
 

@@ -9,7 +9,7 @@ is up to three weights stacked by rows (q/k/v, gate/up); ``r1, r2`` are the rows
 start and ``nb1, nb2`` their first nested blocks, so every value is the one bitsandbytes would produce.
 
 Each program computes a [BLOCK_M, BLOCK_N] tile of the output over its share of K (split-K: partial sums go
-to a float32 workspace that the caller reduces; without split the bias is added and the tile stored here).
+to a float32 workspace and the last program of a tile adds them up, see ``_finish``).
 Even and odd columns are handled as two half-width matrices (high and low nibbles) against the even and odd
 columns of x, so no interleaving is needed in registers. Small M (GEMV, up to 4 rows in one program, so the
 weight is read once) multiplies-and-reduces on the CUDA cores and applies each 64-block's scale once to its
@@ -43,8 +43,34 @@ def _scales(absq_ptr, abs2_ptr, off2_ptr, code2_ptr, rn, t, N, KB, r1, r2, nb1, 
 
 
 @triton.jit
+def _finish(acc, rows, rn, M, N, stride_om, tile, pid_k, out_ptr, ws_ptr, lock_ptr, bias_ptr,
+            SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Store a tile. With split-K, each program leaves its float32 partial in the workspace and counts itself
+    in on the tile's lock; the last one in adds the partials (and the bias), stores the tile and re-arms the
+    lock for the next call: one kernel per matmul, no memset, nothing for the host to wait on."""
+    omask = (rows < M)[:, None] & (rn < N)[None, :]
+    if SPLIT_K > 1:
+        tl.store(ws_ptr + (pid_k * M + rows[:, None]) * N + rn[None, :], acc, mask=omask)
+        arrived = tl.atomic_add(lock_ptr + tile, 1)  # acq_rel: our partial is visible to whoever sums
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros_like(acc)
+            for s in range(SPLIT_K):
+                acc += tl.load(ws_ptr + (s * M + rows[:, None]) * N + rn[None, :], mask=omask, other=0.0,
+                               cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + rows[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=omask)
+            tl.atomic_xchg(lock_ptr + tile, 0)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
 def nf4_gemv_kernel(x_ptr, codes_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, nf4_ptr, bias_ptr, out_ptr,
-                    M, N, K, stride_xm, stride_om, r1, r2, nb1, nb2,
+                    ws_ptr, lock_ptr, M, N, K, stride_xm, stride_om, r1, r2, nb1, nb2,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                     NESTED: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Up to BLOCK_M (a few) rows of x: each weight tile is dequantized once and used for every row."""
@@ -79,18 +105,12 @@ def nf4_gemv_kernel(x_ptr, codes_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, n
             part = tl.sum(w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :], axis=2)  # [BLOCK_N, G]
             row = tl.sum(part * scale, axis=1)  # scaled once per 64-block
             acc += tl.where(rows[:, None] == m, row[None, :], 0.0)
-    omask = (rows < M)[:, None] & (rn < N)[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rows[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
-    else:
-        tl.store(out_ptr + (pid_k * M + rows[:, None]) * N + rn[None, :], acc, mask=omask)
+    _finish(acc, rows, rn, M, N, stride_om, pid_n, pid_k, out_ptr, ws_ptr, lock_ptr, bias_ptr, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit
 def nf4_gemm_kernel(x_ptr, codes_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, nf4_ptr, bias_ptr, out_ptr,
-                    M, N, K, stride_xm, stride_om, r1, r2, nb1, nb2,
+                    ws_ptr, lock_ptr, M, N, K, stride_xm, stride_om, r1, r2, nb1, nb2,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                     NESTED: tl.constexpr, HAS_BIAS: tl.constexpr):
     """A [BLOCK_M, BLOCK_N] output tile with tensor cores: the NF4 tile is dequantized to x's dtype."""
@@ -127,10 +147,5 @@ def nf4_gemm_kernel(x_ptr, codes_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, n
         x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * kb[None, :] + 1, mask=xmask, other=0.0)
         acc = tl.dot(x_even, tl.trans(w_hi.to(x_even.dtype)), acc)
         acc = tl.dot(x_odd, tl.trans(w_lo.to(x_odd.dtype)), acc)
-    omask = mmask[:, None] & (rn < N)[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
-    else:
-        tl.store(out_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=omask)
+    _finish(acc, rm, rn, M, N, stride_om, pid_m * tl.num_programs(0) + pid_n, pid_k, out_ptr, ws_ptr, lock_ptr,
+            bias_ptr, SPLIT_K, HAS_BIAS)

@@ -172,6 +172,7 @@ def test_every_kernel_config_on_a_fused_weight(cfg):
     for m in (1, 3, 4) if cfg.block_m == 0 else (1, 5, 17):
         x = torch.randn(m, 384, generator=torch.Generator().manual_seed(m)).to(DEVICE)
         torch.testing.assert_close(nf4.nf4_matmul(x, fused, cfg).float(), x @ want_w.T + bias, rtol=1e-4, atol=1e-4)
+        assert not fused.locks.any()  # split-K counters re-armed for the next call (and the next graph replay)
 
 
 @needs_triton
