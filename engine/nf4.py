@@ -175,24 +175,25 @@ def _sm_count(device: torch.device) -> int:
 
 
 def pick_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
-    """A tuned entry if there is one, else a heuristic: enough programs to fill every SM a few times over
-    (split-K when N alone cannot), K tiles of 256 (128 contiguous bytes per row per step)."""
+    """A tuned entry if there is one, else a heuristic chosen from the compiled kernels' register use on
+    sm_90 (no GPU has timed them yet: ``scripts/bench_nf4.py --tune`` does): GEMV tiles of 16 rows x 256
+    columns, one 16-byte load per thread per step at 56 registers (M=1); tensor-core tiles of 64 columns x
+    64 (one scale per row per step, 107-186 registers, no spills). Split-K until there are enough programs
+    to keep every SM busy (8 per SM for GEMV, 2 for the tensor-core path)."""
     kind = "gemv" if m <= GEMV_MAX_M else "gemm"
     bucket_m = m if kind == "gemv" else (16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128)
     tuned = TUNED.get((kind, n, k, bucket_m))
     if tuned is not None:
         return tuned
-    block_k = 256 if k % 256 == 0 else 128 if k % 128 == 0 else 64
-    tiles = k // block_k
+    sms = _sm_count(device)
     if kind == "gemv":
-        block_n = 32
-        programs = triton_cdiv(n, block_n)
-        split = max(1, min(tiles, -(-4 * _sm_count(device) // programs)))
-        return KernelConfig(0, block_n, block_k, split)
-    block_m, block_n = min(bucket_m, 64), 64
+        block_n, block_k = 16, (256 if k % 256 == 0 else 128 if k % 128 == 0 else 64)
+        split = max(1, min(k // block_k, triton_cdiv(8 * sms, triton_cdiv(n, block_n))))
+        return KernelConfig(0, block_n, block_k, split, num_warps=4 if m == 1 else 8)
+    block_m, block_n, block_k = min(bucket_m, 64), 64, 64
     programs = triton_cdiv(n, block_n) * triton_cdiv(m, block_m)
-    split = max(1, min(tiles, -(-2 * _sm_count(device) // programs)))
-    return KernelConfig(block_m, block_n, min(block_k, 128), split)
+    split = max(1, min(k // block_k, triton_cdiv(2 * sms, programs)))
+    return KernelConfig(block_m, block_n, block_k, split, num_warps=4 if block_m == 16 else 8)
 
 
 def triton_cdiv(a: int, b: int) -> int:
