@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -347,6 +348,19 @@ def self_check(proj: LayerProjections, dtype: torch.dtype, device: torch.device)
     return None
 
 
+def warm_up(proj: LayerProjections, dtype: torch.dtype, device: torch.device) -> int:
+    """Compile every kernel variant the decode batch sizes will need (Triton caches them on disk), so that no
+    request waits for a compile when a batch size first appears. Returns how many calls it made."""
+    from engine.cuda_graphs import batch_buckets
+
+    calls = 0
+    for m in (b for b in batch_buckets(MAX_KERNEL_ROWS) if b <= MAX_KERNEL_ROWS):
+        for lin in (proj.qkv, proj.o, proj.gate_up, proj.down):
+            nf4_matmul(torch.zeros(m, lin.weight.k, dtype=dtype, device=device), lin.weight)
+            calls += 1
+    return calls
+
+
 def install(paged_model, kernel: str) -> str:
     """Select the projections a ``PagedQwen2`` runs: ``triton`` (fused NF4 kernels) or ``bnb`` (the model's own
     bitsandbytes modules). ``auto`` means triton where it runs. Returns what is in use, with a log line."""
@@ -366,5 +380,9 @@ def install(paged_model, kernel: str) -> str:
         log.warning("NF4 Triton kernels not used (%s): falling back to bitsandbytes' kernels", why)
         return "bnb"
     paged_model.projections = projections
-    log.info("NF4 matmuls: Triton kernels, q/k/v and gate/up fused (%d layers)", len(projections))
+    started = time.perf_counter()
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        warm_up(projections[0], paged_model.dtype, paged_model.device)
+    log.info("NF4 matmuls: Triton kernels, q/k/v and gate/up fused (%d layers; kernels ready in %.1f s)",
+             len(projections), time.perf_counter() - started)
     return "triton"

@@ -258,6 +258,13 @@ def test_install_falls_back_when_the_self_check_fails(nf4_model, monkeypatch, ca
 
 
 @needs_triton
+def test_warm_up_runs_every_decode_batch_bucket(nf4_model):
+    projections = nf4.build_projections(nf4_model, nf4.nf4_matmul)
+    buckets = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128]  # engine/cuda_graphs.py's, up to MAX_KERNEL_ROWS
+    assert nf4.warm_up(projections[0], torch.float32, torch.device(DEVICE)) == 4 * len(buckets)
+
+
+@needs_triton
 def test_greedy_generation_matches_the_bitsandbytes_path(nf4_model):
     """The engine's greedy tokens with the fused Triton projections equal those with bitsandbytes' modules."""
     from engine import Engine, EngineConfig, SamplingParams
