@@ -72,6 +72,7 @@ class ToolCall:
     answered: bool = False
     result: Any = None
     error: str | None = None
+    validation_error: str | None = None  # the server found the call invalid (no such tool, or bad parameters)
 
     def reply(self, result: Any = None, error: str | None = None) -> dict[str, Any]:
         """This call's item for ``tool_result``: a result, or an error message (sent with ``isError``)."""
@@ -238,7 +239,8 @@ class Generation:
             self.text += p["chunk"]
             return TextChunk(p["chunk"])
         if method == "function_call_request":
-            calls = [ToolCall(c["call_id"], c["tool"], c.get("parameters") or {}) for c in p["tool_calls"]]
+            calls = [ToolCall(c["call_id"], c["tool"], c.get("parameters") or {},
+                              validation_error=c.get("validation_error")) for c in p["tool_calls"]]
             await self.session._answer(self.task_id, calls)
             return ToolCalls(self.task_id, calls)
         if method == "final_text":
@@ -391,6 +393,9 @@ class Session:
 
     @staticmethod
     async def _run(handler: Callable[..., Any], call: ToolCall) -> None:
+        if call.validation_error:  # parameters that break the tool's schema: the handler is not run
+            call.error, call.answered = call.validation_error, True
+            return
         try:
             if inspect.iscoroutinefunction(handler):
                 call.result = await handler(**call.parameters)

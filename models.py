@@ -216,6 +216,9 @@ class ToolCallRequest(BaseModel):
     call_id: str
     tool: str
     parameters: dict[str, Any]
+    # set only when the call names no tool of the request or its parameters break the tool's JSON Schema and
+    # INFERENCE_TOOL_CALL_RETRIES corrections did not fix it (valid calls carry no such field)
+    validation_error: str | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class FunctionCallRequestParams(BaseModel):

@@ -120,6 +120,9 @@ class Settings:
     max_queue: int = _setting("INFERENCE_MAX_QUEUE", _int(1), 256, "requests waiting for a batch slot")
     tool_result_timeout_s: float = _setting("INFERENCE_TOOL_RESULT_TIMEOUT_S", _float(0.001), 300.0,
                                             "how long a task waits for tool_result")
+    tool_call_retries: int = _setting("INFERENCE_TOOL_CALL_RETRIES", _int(0), 1,
+                                      "model calls a task may spend on correcting tool calls that name no tool or "
+                                      "whose arguments break the tool's schema; then they reach the client flagged")
     session_idle_timeout_s: float = _setting("INFERENCE_SESSION_IDLE_TIMEOUT_S", _float(1.0), 3600.0,
                                              "idle sessions are deleted after this long")
     max_sessions: int = _setting("INFERENCE_MAX_SESSIONS", _int(1), 10000, "sessions alive at once")

@@ -3,11 +3,15 @@ per-task turn loop ``generate_interactive_stream_ws``."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from jsonschema.exceptions import best_match
+from jsonschema.validators import validator_for
 
 from engine import ContextLengthExceeded, EngineOverloaded, EngineStopped, FinishReason, RequestStream, SamplingParams
 from jsonrpc import strict_json_loads
@@ -66,6 +70,28 @@ def sampling_params(p: GenerateRequestParams, defaults: GenerationDefaults, max_
         min_p=pick(p.min_p, defaults.min_p), repetition_penalty=pick(p.repetition_penalty, defaults.repetition_penalty),
         presence_penalty=p.presence_penalty or 0.0, frequency_penalty=p.frequency_penalty or 0.0,
         seed=p.seed, stop_token_ids=stop_token_ids, ignore_eos=p.ignore_eos)
+
+
+def call_error(name: str, arguments: dict[str, Any], tools: Sequence[ToolDefinition]) -> str | None:
+    """Why a parsed tool call cannot be run as is (no such tool, or arguments that break its JSON Schema)."""
+    tool = next((t for t in tools if t.name == name), None)
+    if tool is None:
+        known = ", ".join(t.name for t in tools) or "none"
+        return f"there is no tool named {name!r} (the tools are: {known})"
+    validator = validator_for(tool.parameters)(tool.parameters)
+    error = best_match(validator.iter_errors(arguments))
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path)
+    return f"invalid arguments for {name}: {error.message}" + (f" (at {where})" if where else "")
+
+
+def correction_message(call: ToolCallRequest, error: str | None) -> dict[str, Any]:
+    """The tool message that answers a rejected call, so that the model can call again correctly."""
+    note = (f"{error}. Call the tool again with arguments that match its parameters schema." if error else
+            "Not run: another tool call of this turn was invalid. Repeat it together with the corrected call.")
+    return {"role": "tool", "content": json.dumps({"error": note}, ensure_ascii=False),
+            "tool_call_id": call.call_id, "name": call.tool}
 
 
 # ---- streaming text ------------------------------------------------------------------------------------------------
@@ -336,6 +362,7 @@ async def generate_interactive_stream_ws(task: Task, rt: Runtime) -> str:
     """
     session, texts = task.session, []
     stream = task.first_stream
+    corrections = 0
     while True:
         if stream is None:
             prompt_ids = build_prompt_ids(rt.tokenizer, session.messages, task.tools)
@@ -352,6 +379,16 @@ async def generate_interactive_stream_ws(task: Task, rt: Runtime) -> str:
             return turn.finish_reason.value
         calls = [ToolCallRequest(call_id=new_id("call-"), tool=c.name, parameters=c.arguments) for c in turn.calls]
         session.messages.append(assistant_message(turn.text, calls))
+        errors = [call_error(c.tool, c.parameters, task.tools) for c in calls]
+        if any(errors):
+            if corrections < rt.settings.tool_call_retries:
+                # The model gets the validation errors as tool responses and calls again; the client never
+                # sees calls it could not run. (Text the model wrote before them has been streamed already.)
+                corrections += 1
+                log.info("tool calls rejected (%s): the model corrects them", "; ".join(e for e in errors if e))
+                session.messages.extend(correction_message(c, e) for c, e in zip(calls, errors))
+                continue
+            calls = [c.model_copy(update={"validation_error": e}) if e else c for c, e in zip(calls, errors)]
         task.emit("function_call_request", FunctionCallRequestParams(
             session_id=session.session_id, task_id=task.task_id, tool_calls=calls))
         log.info("tool calls: %s", ", ".join(c.tool for c in calls))

@@ -463,6 +463,8 @@
           el("span", {className: "tool-name", "data-testid": "tool-name", text: call.tool}),
           el("span", {className: "mono small", text: call.call_id || ""})),
         el("pre", {className: "tool-args", "data-testid": "tool-args", text: pretty(call.parameters || {})}),
+        ...(call.validation_error ? [el("div", {className: "field-error", "data-testid": "tool-validation-error",
+          text: `invalid call: ${call.validation_error}`})] : []),
         input,
         el("label", {className: "inline"}, isError, " the tool failed (send as an error)")));
       return {call, input, isError};

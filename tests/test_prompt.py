@@ -241,3 +241,22 @@ def test_greedy_defaults_unless_request_samples():
     sp = sampling_params(params(do_sample=True, temperature=0.9), greedy, 10, STOP_IDS)
     assert sp.temperature == 0.9 and not sp.greedy
     assert sampling_params(params(do_sample=True), greedy, 10, STOP_IDS).temperature == 1.0
+
+
+# ---- tool-call validation ---------------------------------------------------------------------------------------
+def test_call_error_names_the_problem():
+    from utils import call_error
+
+    tool = ToolDefinition(name="book", parameters={
+        "type": "object", "required": ["when"], "additionalProperties": False,
+        "properties": {"when": {"type": "string"}, "seats": {"type": "integer", "minimum": 1},
+                       "guests": {"type": "array", "items": {"type": "object", "required": ["name"]}}}})
+    assert call_error("book", {"when": "today", "seats": 2, "guests": [{"name": "A"}]}, [tool]) is None
+    assert call_error("book", {}, [tool]) == "invalid arguments for book: 'when' is a required property"
+    assert call_error("book", {"when": "x", "seats": 0}, [tool]) == \
+        "invalid arguments for book: 0 is less than the minimum of 1 (at seats)"
+    assert call_error("book", {"when": "x", "guests": [{"name": "A"}, {}]}, [tool]) == \
+        "invalid arguments for book: 'name' is a required property (at guests/1)"
+    assert "Additional properties are not allowed" in call_error("book", {"when": "x", "color": "red"}, [tool])
+    assert call_error("cook", {}, [tool]) == "there is no tool named 'cook' (the tools are: book)"
+    assert call_error("cook", {}, []) == "there is no tool named 'cook' (the tools are: none)"

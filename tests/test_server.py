@@ -21,14 +21,25 @@ WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"location": "
 TWO_CALLS = ('Checking both.\n<tool_call>\n{"name": "get_weather", "arguments": {"location": "Paris"}}\n</tool_call>\n'
              '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
 ANSWER = "The weather in London is 15°C and cloudy."
+BAD_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+ROME_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"location": "Rome"}}\n</tool_call>'
+STUBBORN_CALL = '<tool_call>\n{"name": "get_wether", "arguments": {"location": "Oslo"}}\n</tool_call>'
 
 
 def respond(prompt: str) -> str:
     """The scripted model's behaviour, keyed on the last user turn of the rendered prompt."""
     last = prompt.rsplit("<|im_start|>user\n", 1)[-1].split("<|im_end|>")[0]
+    if "no tool named 'get_wether'" in last:  # a model that does not learn
+        return STUBBORN_CALL
+    if "Call the tool again" in last:  # the server's correction of BAD_CALL
+        return "Sorry.\n" + ROME_CALL
     if "<tool_response>" in last:
         return ANSWER if "15°C" in last else "Tool results: " + " | ".join(
             part.split("</tool_response>")[0].strip() for part in last.split("<tool_response>")[1:])
+    if "weather in Rome" in last:
+        return "Let me check.\n" + BAD_CALL
+    if "stubborn" in last:
+        return STUBBORN_CALL
     if "weather" in last:
         return WEATHER_CALL
     if "two cities" in last:
@@ -207,6 +218,45 @@ def test_several_calls_in_one_request_answered_out_of_order_and_in_parts(server)
             # tool responses are in the order of the calls, not the order of arrival
             assert text.index("sky") < text.index("12:00")
             assert_no_markup(client, task)
+    run(go())
+
+
+def test_invalid_tool_call_is_corrected_by_the_model_before_the_client_sees_it(server):
+    sid = create_session(server, [WEATHER_TOOL])
+
+    async def go():
+        async with WsClient.connect(server, sid) as client:
+            task = await generate(client, message="What is the weather in Rome?", max_new_tokens=200)
+            call = await client.until("function_call_request", task_id=task)
+            [tool_call] = call["params"]["tool_calls"]
+            assert tool_call["tool"] == "get_weather" and tool_call["parameters"] == {"location": "Rome"}
+            assert "validation_error" not in tool_call
+            assert len(client.of_task(task, "function_call_request")) == 1  # the bad call never reached us
+            await client.call("tool_result", {"task_id": task, "results": [
+                {"tool_name": "get_weather", "result": {"temperature": "15°C"}}]})
+            final = await client.until("final_text", task_id=task)
+            assert (await client.until("end", task_id=task))["params"]["finish_reason"] == "stop"
+            assert final["params"]["final_text"] == client.chunks(task) == "Let me check.\n\nSorry.\n\n" + ANSWER
+            assert_no_markup(client, task)
+    run(go())
+    prompt = server.model.prompts[-1]
+    assert "invalid arguments for get_weather: 'location' is a required property" in prompt
+
+
+def test_a_call_still_invalid_after_the_retries_reaches_the_client_flagged(server):
+    sid = create_session(server, [WEATHER_TOOL])
+
+    async def go():
+        async with WsClient.connect(server, sid) as client:
+            task = await generate(client, message="be stubborn", max_new_tokens=200)
+            call = await client.until("function_call_request", task_id=task)
+            [tool_call] = call["params"]["tool_calls"]
+            assert tool_call["tool"] == "get_wether"
+            assert tool_call["validation_error"] == "there is no tool named 'get_wether' (the tools are: get_weather)"
+            await client.call("tool_result", {"task_id": task, "results": [
+                {"tool_name": "get_wether", "result": "no such tool", "isError": True}]})
+            await client.until("final_text", task_id=task)
+            assert (await client.until("end", task_id=task))["params"]["finish_reason"] == "stop"
     run(go())
 
 
