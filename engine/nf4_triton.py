@@ -57,15 +57,17 @@ def _finish(acc, rows, rn, M, N, stride_om, tile, pid_k, out_ptr, ws_ptr, lock_p
             for s in range(SPLIT_K):
                 acc += tl.load(ws_ptr + (s * M + rows[:, None]) * N + rn[None, :], mask=omask, other=0.0,
                                cache_modifier=".cg")
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + rows[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-                     mask=omask)
+            _store(acc, rows, rn, N, stride_om, omask, out_ptr, bias_ptr, HAS_BIAS)
             tl.atomic_xchg(lock_ptr + tile, 0)
     else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rows[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
+        _store(acc, rows, rn, N, stride_om, omask, out_ptr, bias_ptr, HAS_BIAS)
+
+
+@triton.jit
+def _store(acc, rows, rn, N, stride_om, omask, out_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
