@@ -189,15 +189,15 @@ def pick_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
     sms = _sm_count(device)
     if kind == "gemv":
         block_n, block_k = 16, (256 if k % 256 == 0 else 128 if k % 128 == 0 else 64)
-        split = max(1, min(k // block_k, triton_cdiv(8 * sms, triton_cdiv(n, block_n))))
+        split = max(1, min(k // block_k, cdiv(8 * sms, cdiv(n, block_n))))
         return KernelConfig(0, block_n, block_k, split, num_warps=4 if m == 1 else 8)
     block_m, block_n, block_k = min(bucket_m, 64), 64, 64
-    programs = triton_cdiv(n, block_n) * triton_cdiv(m, block_m)
-    split = max(1, min(k // block_k, triton_cdiv(2 * sms, programs)))
+    programs = cdiv(n, block_n) * cdiv(m, block_m)
+    split = max(1, min(k // block_k, cdiv(2 * sms, programs)))
     return KernelConfig(block_m, block_n, block_k, split, num_warps=4 if block_m == 16 else 8)
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -215,9 +215,9 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, config: KernelConfig | None = None
     cfg = config or pick_config(m, w.n, w.k, x.device)
     out = torch.empty(m, w.n, dtype=x.dtype, device=x.device)
     ws = out if cfg.split_k == 1 else torch.empty(cfg.split_k, m, w.n, dtype=torch.float32, device=x.device)
-    tiles = triton_cdiv(w.n, cfg.block_n) * (1 if cfg.block_m == 0 else triton_cdiv(m, cfg.block_m))
+    tiles = cdiv(w.n, cfg.block_n) * (1 if cfg.block_m == 0 else cdiv(m, cfg.block_m))
     if w.locks is None or w.locks.numel() < tiles:  # split-K tile counters; every call leaves them at zero
-        w.locks = torch.zeros(max(tiles, triton_cdiv(w.n, 16) * triton_cdiv(MAX_KERNEL_ROWS, 16)),
+        w.locks = torch.zeros(max(tiles, cdiv(w.n, 16) * cdiv(MAX_KERNEL_ROWS, 16)),
                               dtype=torch.int32, device=x.device)
     rs = (*w.row_starts[1:], w.n, w.n)[:2]
     ns = (*w.nested_starts[1:], 0, 0)[:2]
@@ -228,13 +228,13 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, config: KernelConfig | None = None
     if cfg.block_m == 0:
         if m > GEMV_MAX_M:
             raise ValueError(f"the GEMV kernel takes at most {GEMV_MAX_M} rows, not {m}")
-        grid = (triton_cdiv(w.n, cfg.block_n), cfg.split_k)
+        grid = (cdiv(w.n, cfg.block_n), cfg.split_k)
         kern.nf4_gemv_kernel[grid](*args, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n,
                                    BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
                                    NESTED=w.nested, HAS_BIAS=w.bias is not None, num_warps=cfg.num_warps,
                                    num_stages=cfg.num_stages)
     else:
-        grid = (triton_cdiv(w.n, cfg.block_n), cfg.split_k, triton_cdiv(m, cfg.block_m))
+        grid = (cdiv(w.n, cfg.block_n), cfg.split_k, cdiv(m, cfg.block_m))
         kern.nf4_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                                    SPLIT_K=cfg.split_k, NESTED=w.nested, HAS_BIAS=w.bias is not None,
                                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
