@@ -84,19 +84,22 @@ def test_nf4_from_pretrained_with_the_real_14b_layer_shapes(tmp_path):
     finally:
         engine.stop()
     assert error is None and len(tokens) == 16
-    # the fused Triton NF4 kernels are what the server selected, and they give bitsandbytes' greedy tokens
+    # the fused Triton NF4 kernels are what the server selected; they give bitsandbytes' logits (bfloat16 random
+    # logits are near-ties, so tokens are compared only on the CPU, in float32: tests/test_nf4.py)
     paged = loaded.paged_model
     assert loaded.serving_info["nf4_kernel"] == "triton" and paged.projections is not None
-    projections, outputs = paged.projections, {}
+    projections, logits = paged.projections, {}
+    ids = torch.tensor([list(range(100, 107)), list(range(7, 14))], device="cuda")  # 14 rows: the kernels' path
+    positions = torch.arange(7, device="cuda").expand(2, 7).contiguous()
+    slots = torch.tensor([list(range(64, 71)), list(range(128, 135))], device="cuda")
+    table = torch.tensor([[1], [2]], device="cuda")
     for kernel in ("triton", "bnb"):
         paged.projections = projections if kernel == "triton" else None
-        engine = Engine(paged, EngineConfig(max_running=4, max_context=4096, block_size=64, kv_cache_bytes=2**30))
-        engine.start()
-        try:
-            outputs[kernel] = [o[0] for o in _run(engine, [list(range(100, 400)), list(range(7, 40))], 24)]
-        finally:
-            engine.stop()
-    assert outputs["triton"] == outputs["bnb"]
+        paged.allocate_kv_cache(4 * 64)
+        logits[kernel] = paged.forward(ids, positions, slots, table, 64)
+    err = (logits["triton"] - logits["bnb"]).abs().max().item()
+    assert err <= 2e-2 * logits["bnb"].abs().max().item(), err
+    paged.projections = projections
 
 
 QWEN14B_SHAPES = {"q": (5120, 5120), "k": (1024, 5120), "o": (5120, 5120), "gate": (13824, 5120),
