@@ -176,11 +176,11 @@ def _sm_count(device: torch.device) -> int:
 
 
 def pick_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
-    """A tuned entry if there is one, else a heuristic chosen from the compiled kernels' register use on
-    sm_90 (no GPU has timed them yet: ``scripts/bench_nf4.py --tune`` does): GEMV tiles of 16 rows x 256
-    columns, one 16-byte load per thread per step at 56 registers (M=1); tensor-core tiles of 64 columns x
-    64 (one scale per row per step, 107-186 registers, no spills). Split-K until there are enough programs
-    to keep every SM busy (8 per SM for GEMV, 2 for the tensor-core path)."""
+    """A tuned entry if there is one, else a heuristic chosen from the compiled kernels on sm_90 (registers and
+    SASS, read with Triton's cuobjdump; no GPU has timed them yet: ``scripts/bench_nf4.py --tune`` does):
+    GEMV tiles of 16 rows x 256 columns, one 16-byte load (LDG.128) per thread per step, 96 registers and
+    315 instructions per step at M=1; tensor-core tiles of 64 columns x 64 (107-186 registers, no spills).
+    Split-K until there are enough programs to keep every SM busy (8 per SM for GEMV, 2 for tensor cores)."""
     kind = "gemv" if m <= GEMV_MAX_M else "gemm"
     bucket_m = m if kind == "gemv" else (16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128)
     tuned = TUNED.get((kind, n, k, bucket_m))
@@ -224,7 +224,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, config: KernelConfig | None = None
     bias = w.bias if w.bias is not None else w.nf4  # any pointer when there is none
     abs2, off2 = (w.absmax2, w.offset2) if w.nested else (w.absmax_q, w.absmax_q)  # unused without nesting
     args = (x2, w.codes, w.absmax_q, abs2, off2, w.code2, w.nf4, bias, out, ws, w.locks, m, w.n, w.k,
-            x2.stride(0), out.stride(0), rs[0], rs[1], ns[0], ns[1])
+            x2.stride(0), out.stride(0), w.k // 2, rs[0], rs[1], ns[0], ns[1])
     if cfg.block_m == 0:
         if m > GEMV_MAX_M:
             raise ValueError(f"the GEMV kernel takes at most {GEMV_MAX_M} rows, not {m}")

@@ -72,47 +72,59 @@ def _store(acc, rows, rn, N, stride_om, omask, out_ptr, bias_ptr, HAS_BIAS: tl.c
 
 @triton.jit
 def nf4_gemv_kernel(x_ptr, codes_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, nf4_ptr, bias_ptr, out_ptr,
-                    ws_ptr, lock_ptr, M, N, K, stride_xm, stride_om, r1, r2, nb1, nb2,
+                    ws_ptr, lock_ptr, M, N, K, stride_xm, stride_om, stride_wn, r1, r2, nb1, nb2,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                     NESTED: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Up to BLOCK_M (a few) rows of x: each weight tile is dequantized once and used for every row."""
+    """Up to BLOCK_M (a few) rows of x: each weight tile is dequantized once and used for every row. Products
+    accumulate elementwise (already scaled) and are reduced once after the loop: no shuffles inside it."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     G: tl.constexpr = BLOCK_K // 64
     KB = K // 64
-    half_k = K // 2
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
     gi = tl.arange(0, G)
     bi = tl.arange(0, 32)
+    xi = tl.arange(0, 64)
     num_tiles = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(num_tiles, SPLIT_K)
     start = pid_k * per_split
     stop = tl.minimum(start + per_split, num_tiles)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    row_bytes = rn.to(tl.int64) * half_k
+    acc = tl.zeros((BLOCK_M if BLOCK_M > 1 else 1, BLOCK_N if BLOCK_M > 1 else 1, G, 32), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N if BLOCK_M == 1 else 1, G, 32), dtype=tl.float32)
+    row_bytes = rn.to(tl.int64) * stride_wn
+    x_rows = x_ptr + rows[:, None, None] * stride_xm
     for t in range(start, stop):
         kb = t * (BLOCK_K // 2) + gi[:, None] * 32 + bi[None, :]  # byte index within a row, [G, 32]
-        kmask = kb < half_k
+        kmask = kb < stride_wn
         wmask = (rn < N)[:, None, None] & kmask[None, :, :]
         packed = tl.load(codes_ptr + row_bytes[:, None, None] + kb[None, :, :], mask=wmask, other=0)
-        w_hi = tl.load(nf4_ptr + (packed >> 4).to(tl.int32))
+        w_hi = tl.load(nf4_ptr + (packed >> 4).to(tl.int32))  # [BLOCK_N, G, 32]
         w_lo = tl.load(nf4_ptr + (packed & 15).to(tl.int32))
         scale = _scales(absq_ptr, abs2_ptr, off2_ptr, code2_ptr, rn, t, N, KB, r1, r2, nb1, nb2,
                         G, BLOCK_N, NESTED)
-        for m in tl.static_range(BLOCK_M):
-            xmask = kmask & ((kb * 0 + m) < M)
-            x_even = tl.load(x_ptr + m * stride_xm + 2 * kb, mask=xmask, other=0.0).to(tl.float32)
-            x_odd = tl.load(x_ptr + m * stride_xm + 2 * kb + 1, mask=xmask, other=0.0).to(tl.float32)
-            part = tl.sum(w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :], axis=2)  # [BLOCK_N, G]
-            row = tl.sum(part * scale, axis=1)  # scaled once per 64-block
-            acc += tl.where(rows[:, None] == m, row[None, :], 0.0)
-    _finish(acc, rows, rn, M, N, stride_om, pid_n, pid_k, out_ptr, ws_ptr, lock_ptr, bias_ptr, SPLIT_K, HAS_BIAS)
+        # x's 64 columns per block, contiguous, split into the even (high nibble) and odd (low nibble) ones
+        kx = t * BLOCK_K + gi[:, None] * 64 + xi[None, :]  # [G, 64]
+        if BLOCK_M == 1:  # 3-D throughout: each thread keeps one row's 16 bytes of one block, and its one scale
+            x = tl.load(x_ptr + kx, mask=kx < K, other=0.0).to(tl.float32)  # [G, 64]
+            x_even, x_odd = tl.split(tl.reshape(x, (G, 32, 2)))
+            acc1 += (w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :]) * scale[:, :, None]
+        else:
+            xmask = (rows < M)[:, None, None] & (kx < K)[None, :, :]
+            x = tl.load(x_rows + kx[None, :, :], mask=xmask, other=0.0).to(tl.float32)  # [BLOCK_M, G, 64]
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, G, 32, 2)))
+            prod = w_hi[None, :, :, :] * x_even[:, None, :, :] + w_lo[None, :, :, :] * x_odd[:, None, :, :]
+            acc += prod * scale[None, :, :, None]
+    if BLOCK_M == 1:
+        out = tl.sum(tl.sum(acc1, axis=2), axis=1)[None, :]  # [1, BLOCK_N]
+    else:
+        out = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BLOCK_M, BLOCK_N]
+    _finish(out, rows, rn, M, N, stride_om, pid_n, pid_k, out_ptr, ws_ptr, lock_ptr, bias_ptr, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit
 def nf4_gemm_kernel(x_ptr, codes_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, nf4_ptr, bias_ptr, out_ptr,
-                    ws_ptr, lock_ptr, M, N, K, stride_xm, stride_om, r1, r2, nb1, nb2,
+                    ws_ptr, lock_ptr, M, N, K, stride_xm, stride_om, stride_wn, r1, r2, nb1, nb2,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                     NESTED: tl.constexpr, HAS_BIAS: tl.constexpr):
     """A [BLOCK_M, BLOCK_N] output tile with tensor cores: the NF4 tile is dequantized to x's dtype."""
@@ -122,7 +134,6 @@ def nf4_gemm_kernel(x_ptr, codes_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, n
     G: tl.constexpr = BLOCK_K // 64
     HALF: tl.constexpr = BLOCK_K // 2
     KB = K // 64
-    half_k = K // 2
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     hb = tl.arange(0, HALF)
@@ -131,11 +142,11 @@ def nf4_gemm_kernel(x_ptr, codes_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, n
     start = pid_k * per_split
     stop = tl.minimum(start + per_split, num_tiles)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    row_bytes = rn.to(tl.int64) * half_k
+    row_bytes = rn.to(tl.int64) * stride_wn
     mmask = rm < M
     for t in range(start, stop):
         kb = t * HALF + hb  # byte index within a row, [HALF]
-        kmask = kb < half_k
+        kmask = kb < stride_wn
         packed = tl.load(codes_ptr + row_bytes[:, None] + kb[None, :], mask=(rn < N)[:, None] & kmask[None, :],
                          other=0)
         scale = _scales(absq_ptr, abs2_ptr, off2_ptr, code2_ptr, rn, t, N, KB, r1, r2, nb1, nb2,

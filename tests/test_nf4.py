@@ -310,7 +310,7 @@ from engine import nf4, nf4_triton as kern
 
 ptrs = dict(x_ptr="*bf16", codes_ptr="*u8", absq_ptr="*u8", abs2_ptr="*fp32", off2_ptr="*fp32", code2_ptr="*fp32",
             nf4_ptr="*fp32", bias_ptr="*bf16", out_ptr="*bf16", ws_ptr="*fp32", lock_ptr="*i32")
-ints = dict.fromkeys(["M", "N", "K", "stride_xm", "stride_om", "r1", "r2", "nb1", "nb2"], "i32")
+ints = dict.fromkeys(["M", "N", "K", "stride_xm", "stride_om", "stride_wn", "r1", "r2", "nb1", "nb2"], "i32")
 cuobjdump = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 nf4._SM_COUNT[0] = 132  # an H100
 results = {}
