@@ -242,7 +242,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, config: KernelConfig | None = None
 
 
 def reference_matmul(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
-    """The same product through the reference dequantizer (tests, and the CPU fallback)."""
+    """The same product through the reference dequantizer (the tests and the load-time self-check)."""
     y = x.float() @ w.dequantize().T
     if w.bias is not None:
         y = y + w.bias.float()
