@@ -90,8 +90,10 @@ def nf4_gemv_kernel(x_ptr, codes_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, n
     per_split = tl.cdiv(num_tiles, SPLIT_K)
     start = pid_k * per_split
     stop = tl.minimum(start + per_split, num_tiles)
-    acc = tl.zeros((BLOCK_M if BLOCK_M > 1 else 1, BLOCK_N if BLOCK_M > 1 else 1, G, 32), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_N if BLOCK_M == 1 else 1, G, 32), dtype=tl.float32)
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N, G, 32), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, G, 32), dtype=tl.float32)
     row_bytes = rn.to(tl.int64) * stride_wn
     x_rows = x_ptr + rows[:, None, None] * stride_xm
     for t in range(start, stop):
@@ -108,7 +110,7 @@ def nf4_gemv_kernel(x_ptr, codes_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, n
         if BLOCK_M == 1:  # 3-D throughout: each thread keeps one row's 16 bytes of one block, and its one scale
             x = tl.load(x_ptr + kx, mask=kx < K, other=0.0).to(tl.float32)  # [G, 64]
             x_even, x_odd = tl.split(tl.reshape(x, (G, 32, 2)))
-            acc1 += (w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :]) * scale[:, :, None]
+            acc += (w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :]) * scale[:, :, None]
         else:
             xmask = (rows < M)[:, None, None] & (kx < K)[None, :, :]
             x = tl.load(x_rows + kx[None, :, :], mask=xmask, other=0.0).to(tl.float32)  # [BLOCK_M, G, 64]
@@ -116,7 +118,7 @@ def nf4_gemv_kernel(x_ptr, codes_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, n
             prod = w_hi[None, :, :, :] * x_even[:, None, :, :] + w_lo[None, :, :, :] * x_odd[:, None, :, :]
             acc += prod * scale[None, :, :, None]
     if BLOCK_M == 1:
-        out = tl.sum(tl.sum(acc1, axis=2), axis=1)[None, :]  # [1, BLOCK_N]
+        out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]  # [1, BLOCK_N]
     else:
         out = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BLOCK_M, BLOCK_N]
     _finish(out, rows, rn, M, N, stride_om, pid_n, pid_k, out_ptr, ws_ptr, lock_ptr, bias_ptr, SPLIT_K, HAS_BIAS)
