@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import logging.handlers
+import math
 import os
 import re
 import sys
@@ -321,6 +322,16 @@ def _stop_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
+def count_parameters(model: Any) -> int:
+    """Parameters as the model defines them: a 4-bit weight counts its logical shape, not its packed bytes
+    (bitsandbytes stores two NF4 values per uint8 element)."""
+    total = 0
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        total += math.prod(state.shape) if state is not None else p.numel()
+    return total
+
+
 def load_model(settings: Settings) -> LoadedModel:
     """Load the model and tokenizer once (NF4 on CUDA by default) and wrap it for the engine."""
     import torch
@@ -341,12 +352,15 @@ def load_model(settings: Settings) -> LoadedModel:
                           f"supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     elapsed = time.perf_counter() - started
     gpu = (f", GPU memory allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB" if device == "cuda" else "")
-    nparams = sum(p.numel() for p in model.parameters())
+    nparams = count_parameters(model)
     log.info("loaded %s (%s, %.2fB params, quantization=%s, dtype=%s, attn=%s, device=%s) in %.1f s%s",
              settings.model_id, model.config.model_type, nparams / 1e9, quant, kwargs["dtype"],
              settings.attn_implementation, device, elapsed, gpu)
     info = {"device": device, "quantization": quant, "dtype": str(kwargs["dtype"]).removeprefix("torch.")}
-    paged = PagedQwen2(model)
+    try:
+        paged = PagedQwen2(model)
+    except ValueError as exc:  # a model the engine cannot serve correctly (e.g. batch-dependent RoPE scaling)
+        raise ConfigError(f"INFERENCE_MODEL_ID={settings.model_id!r}: {exc}") from None
     if quant == "nf4":
         from engine import nf4
 
@@ -367,6 +381,7 @@ def kv_cache_bytes(settings: Settings, paged_model: Any, max_context: int) -> in
     if str(paged_model.device).startswith("cuda"):
         import torch
 
+        torch.cuda.empty_cache()  # the allocator still caches what loading and the NF4 self-check freed
         free, _total = torch.cuda.mem_get_info()
         headroom = 3 * 2**30  # activations, logits, sampler buffers, CUDA graphs
         return max(int((free - headroom) * 0.9), max_context * per_token)

@@ -22,6 +22,20 @@ except ImportError:  # pragma: no cover - very old transformers
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
+# RoPE variants whose frequencies depend on the current sequence length (transformers' dynamic_rope_update takes
+# the max of the position ids): under continuous batching that is the batch's longest row, not the sequence's own.
+BATCH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def rope_type(config) -> str:
+    """The model's RoPE scaling type ("default" without scaling), from transformers 5's ``rope_parameters`` or
+    the older ``rope_scaling``."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        params = next(iter(params.values()))  # per-layer-type parameters (e.g. full/sliding attention)
+    return str(params.get("rope_type", params.get("type", "default"))) if isinstance(params, dict) else "default"
+
+
 class PagedQwen2:
     """Adapter that makes a ``Qwen2ForCausalLM`` (or a Llama/Qwen3-shaped model) a paged-cache model."""
 
@@ -36,6 +50,12 @@ class PagedQwen2:
         emb = hf_model.get_input_embeddings().weight
         self.device = emb.device
         self.dtype = emb.dtype
+        rope = rope_type(cfg)
+        if rope in BATCH_DEPENDENT_ROPE:
+            raise ValueError(f"RoPE scaling {rope!r} is not supported: its frequencies follow the longest position "
+                             f"in the batch, so a sequence's output would depend on what it is batched with (and "
+                             f"'dynamic' decides on the host, which CUDA graphs cannot replay). Use the model without "
+                             f"it, or with a static scaling (yarn, linear, llama3)")
         if getattr(cfg, "use_sliding_window", False):
             log.warning("model config enables sliding-window attention; this engine attends to the full context")
         self.k_cache: torch.Tensor | None = None
@@ -107,6 +127,8 @@ class PagedQwen2:
         q = q.reshape(bsz, kvh, groups * seqlen, d)
         mask = mask if groups == 1 else mask.repeat(1, 1, groups, 1)
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=attn.scaling)
-        out = out.view(bsz, kvh * groups, seqlen, d)
+        # reshape, not view: CUDA's memory-efficient kernel returns its output transposed ([B, G*T, KVH, D] in
+        # memory), which no view can regroup into [B, H, T, D] when groups > 1 (a copy then, bitwise the same)
+        out = out.reshape(bsz, kvh * groups, seqlen, d)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
         return proj.o(out) if proj is not None else attn.o_proj(out)
