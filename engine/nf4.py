@@ -348,17 +348,41 @@ def self_check(proj: LayerProjections, dtype: torch.dtype, device: torch.device)
     return None
 
 
-def warm_up(proj: LayerProjections, dtype: torch.dtype, device: torch.device) -> int:
-    """Compile every kernel variant the decode batch sizes will need (Triton caches them on disk), so that no
-    request waits for a compile when a batch size first appears. Returns how many calls it made."""
-    from engine.cuda_graphs import batch_buckets
+def kernel_variant(m: int, w: NF4Weight, device: torch.device) -> tuple[KernelConfig, int]:
+    """What Triton compiles a kernel for at ``m`` rows of ``w``: its config and BLOCK_M. M itself is not part of
+    it (the kernels do not specialise on M); N, K and the strides are the weight's, the same on every call."""
+    cfg = pick_config(m, w.n, w.k, device)
+    return cfg, (1 << (m - 1).bit_length() if cfg.block_m == 0 else cfg.block_m)
 
+
+def warm_up(proj: LayerProjections, dtype: torch.dtype, device: torch.device) -> int:
+    """Compile every kernel variant any row count up to ``MAX_KERNEL_ROWS`` needs (decode batches and eager
+    prefill chunks alike; Triton caches them on disk), so that no request waits for a compile. Returns how many
+    calls it made: one per distinct variant per projection."""
     calls = 0
-    for m in (b for b in batch_buckets(MAX_KERNEL_ROWS) if b <= MAX_KERNEL_ROWS):
-        for lin in (proj.qkv, proj.o, proj.gate_up, proj.down):
-            nf4_matmul(torch.zeros(m, lin.weight.k, dtype=dtype, device=device), lin.weight)
-            calls += 1
+    for lin in (proj.qkv, proj.o, proj.gate_up, proj.down):
+        seen = set()
+        for m in range(1, MAX_KERNEL_ROWS + 1):
+            variant = kernel_variant(m, lin.weight, device)
+            if variant not in seen:
+                seen.add(variant)
+                nf4_matmul(torch.zeros(m, lin.weight.k, dtype=dtype, device=device), lin.weight)
+                calls += 1
     return calls
+
+
+def compile_count() -> int:
+    """Kernels Triton has compiled so far in this process (0 under the interpreter, which compiles nothing):
+    a benchmark compares it before and after a timed step to refuse timings that include a compile."""
+    try:
+        from engine import nf4_triton as kern
+    except ImportError:
+        return 0
+    total = 0
+    for fn in (kern.nf4_gemv_kernel, kern.nf4_gemm_kernel):
+        for entry in getattr(fn, "device_caches", {}).values():  # device -> (kernel cache, ...) in Triton 3.x
+            total += len(entry[0])
+    return total
 
 
 def install(paged_model, kernel: str) -> str:
