@@ -47,3 +47,15 @@ def test_bench_compares_both_nf4_paths_in_one_run():
     by = out["by_nf4_kernel"]
     assert out["triton_vs_bnb"] == {"2": round(by["triton"]["engine"]["2"]["aggregate_tok_s"]
                                               / by["bnb"]["engine"]["2"]["aggregate_tok_s"], 2)}
+
+
+def test_a_timed_run_that_compiles_is_refused(monkeypatch):
+    """A kernel compile or graph capture inside a timed run would be reported as serving speed: the benchmark
+    refuses such a figure (an error names why) instead of printing it."""
+    bench = load_bench()
+    events = iter(range(1000))  # every look at the counter sees a new compile
+    monkeypatch.setattr(bench, "compile_events", lambda engine: next(events))
+    out = bench.main(["--size", "tiny", "--streams", "1", "--prompt-len", "16", "--new-tokens", "4",
+                      "--followup-context", "0", "--baseline-requests", "0", "--threads", "1"])
+    assert out["errors"]["engine"].startswith("CompiledWhileTimed")
+    assert "1" not in out.get("engine", {})
