@@ -4,6 +4,7 @@
 #   Here, once:   bash scripts/fetch_wheels.sh      (wheels of scripts/gpu-wheels.txt into .whl/, ~46 MB)
 #   There:        bash scripts/gpu_check.sh         (device tool: carry [".whl"]; results land in $OUT)
 #   CPU dry run:  bash scripts/gpu_check.sh         (no CUDA: every step runs small, what needs CUDA skips)
+#   The plan:     PLAN_ONLY=1 bash scripts/gpu_check.sh
 #
 # Steps (STEPS picks them, default "imports tests nf4 bench"; "tune" sweeps kernel configs and is not default).
 # Each step has a time budget (its *_TIMEOUT); the defaults add up to under 540 s so that one 600-s device
@@ -37,6 +38,7 @@ declare -A BUDGET=([imports]=${IMPORTS_TIMEOUT:-40} [tests]=${GPU_TEST_TIMEOUT:-
 total=0
 for s in $STEPS; do total=$((total + ${BUDGET[$s]:-0})); done
 echo "steps: $STEPS; time budget ${total} s in all ($(for s in $STEPS; do printf '%s %ss, ' "$s" "${BUDGET[$s]:-?}"; done))"
+[ -n "${PLAN_ONLY:-}" ] && exit 0  # (tests) print the plan and its budget only
 step() { case " $STEPS " in *" $1 "*) return 0;; *) return 1;; esac; }
 show() { [ -s "$1" ] && $PY -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1])), separators=(',',':'))[:${2:-4000}])" "$1"; }
 

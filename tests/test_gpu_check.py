@@ -1,0 +1,38 @@
+"""scripts/gpu_check.sh, the one prepared command for a GPU window: its default steps fit one 10-minute device
+command, and it runs end to end on the CPU (a dry run on tiny shapes), so the first GPU run measures."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+
+def run_check(tmp_path, **env):
+    full = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=REPO_ROOT, env=full, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_default_steps_fit_one_device_command(tmp_path):
+    proc = run_check(tmp_path, PLAN_ONLY="1")
+    assert proc.returncode == 0, proc.stderr
+    budget = re.search(r"steps: (.*); time budget (\d+) s in all", proc.stdout)
+    assert budget, proc.stdout
+    assert budget.group(1).split() == ["imports", "tests", "nf4", "bench"]
+    assert int(budget.group(2)) <= 540  # a device command runs at most 600 s; the rest copies results back
+
+
+@pytest.mark.slow
+def test_dry_run_on_the_cpu_reports_json(tmp_path):
+    proc = run_check(tmp_path, STEPS="imports bench")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "dry run" in proc.stdout and "imports exit 0" in proc.stdout and "bench exit 0" in proc.stdout
+    assert json.loads((tmp_path / "imports.json").read_text())["imports"] == "ok"
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["errors"] == {} and bench["nf4_kernels"] == ["bnb", "triton"]
