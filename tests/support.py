@@ -14,7 +14,8 @@ import httpx
 import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 
-from server_starlette import UVICORN_WS, create_app, make_server_class
+from http_guard import uvicorn_options
+from server_starlette import create_app, make_server_class
 from shared import LoadedModel, Settings, load_model
 
 
@@ -22,8 +23,8 @@ from shared import LoadedModel, Settings, load_model
 def running_server(settings: Settings, loader: Callable[[Settings], LoadedModel] = load_model) -> Iterator[Any]:
     """Serve ``create_app(settings, loader=loader)`` on 127.0.0.1:<free port>; yields the app (``app.base``)."""
     app = create_app(settings, loader=loader)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on", **UVICORN_WS,
-                            ws_max_size=settings.ws_max_message_bytes)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on",
+                            **uvicorn_options(settings))
     server = make_server_class()(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
