@@ -132,7 +132,7 @@ Offload = Callable[[Callable[[], Any]], Awaitable[Any]]
 
 class Dispatcher:
     def __init__(self, methods: dict[str, Method], observe: Callable[[str, int | None], None] | None = None,
-                 max_batch: int = 32, max_values: int = 200_000, offload: Offload | None = None) -> None:
+                 max_batch: int = 32, max_values: int = 100_000, offload: Offload | None = None) -> None:
         self.methods = methods
         self.observe = observe  # called with (method, error code or None) for every request handled
         self.max_batch = max_batch  # requests in one batch

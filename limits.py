@@ -74,15 +74,35 @@ def check_generate_limits(settings: Settings, p: GenerateRequestParams) -> None:
         raise invalid("tools", problem)
 
 
-def check_tool_round(settings: Settings, contents: Sequence[str], round_chars: int) -> None:
+def text_chars_at_least(value: Any) -> int:
+    """A lower bound of the length of ``value`` as the text the model reads (a string as is, anything else as
+    JSON): its strings' lengths plus one per value. Walked without recursion; pure Python, so that on a worker
+    thread it never holds the event loop for long (``json.dumps`` of 14 MiB would, in one C call)."""
+    if isinstance(value, str):
+        return len(value)
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        total += len(item) if isinstance(item, str) else 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return total
+
+
+def check_tool_round(settings: Settings, contents: Sequence[str | int], round_chars: int) -> None:
     """Each tool result at most ``max_tool_result_chars``; a round's results (``round_chars`` already accepted)
-    at most ``max_tool_round_chars``. Tool results stay in the conversation: an oversized one would make every
-    later turn of the session too long."""
-    for i, content in enumerate(contents):
-        if len(content) > settings.max_tool_result_chars:
-            raise invalid(f"results[{i}]", f"{len(content)} characters; at most {settings.max_tool_result_chars} "
+    at most ``max_tool_round_chars``. ``contents`` are the results' texts, or lower bounds of their lengths
+    (``text_chars_at_least``). Tool results stay in the conversation: an oversized one would make every later
+    turn of the session too long."""
+    sizes = [c if isinstance(c, int) else len(c) for c in contents]  # texts, or lower bounds of their lengths
+    for i, size in enumerate(sizes):
+        if size > settings.max_tool_result_chars:
+            raise invalid(f"results[{i}]", f"{size} characters or more; at most {settings.max_tool_result_chars} "
                                            "per result")
-    total = round_chars + sum(map(len, contents))
+    total = round_chars + sum(sizes)
     if total > settings.max_tool_round_chars:
         raise invalid("results", f"this round's results have {total} characters; at most "
                                  f"{settings.max_tool_round_chars} per round")

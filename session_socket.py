@@ -15,10 +15,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from auth import origin_allowed
 from jsonrpc import Dispatcher, Method, RpcError, clip
-from limits import PromptTooLong, check_generate_limits, check_tool_round, precheck_generate, precheck_tool_result
+from limits import (PromptTooLong, check_generate_limits, check_tool_round, precheck_generate, precheck_tool_result,
+                    text_chars_at_least)
 from models import CancelParams, ErrorCode, GenerateRequestParams, ToolResultParams
 from shared import Runtime, session_var
 from tasks import Session, Task, TaskFailure, tool_content
+from workers import off_loop
 from utils import (context_data, generate_interactive_stream_ws, history_to_messages, open_stream, sampling_params,
                    tokenize_prompt)
 
@@ -91,8 +93,14 @@ async def rpc_tool_result(ctx: Context, p: ToolResultParams) -> dict[str, Any]:
     if task is None or task.task_id != p.task_id:
         raise RpcError(ErrorCode.UNKNOWN_TASK, f"this session has no active task {clip(repr(p.task_id))}",
                        {"active_task_id": task.task_id if task else None})
-    contents = [tool_content(item) for item in p.results]
-    check_tool_round(ctx.rt.settings, contents, task.round_chars)
+    settings = ctx.rt.settings
+    at_least = await off_loop(lambda: [text_chars_at_least(i.error_message if i.isError else i.result)
+                                       for i in p.results])
+    check_tool_round(settings, at_least, task.round_chars)  # refused before anything is serialized
+    contents = [tool_content(item) for item in p.results]  # bounded now: a few hundred KB at most
+    check_tool_round(settings, contents, task.round_chars)
+    if ctx.session.active_task is not task:
+        raise RpcError(ErrorCode.UNKNOWN_TASK, f"task {task.task_id} has ended")
     task.submit_tool_results(p.results, contents)
     return {"status": "received"}
 
@@ -146,7 +154,8 @@ class Connection:
         self.queue: asyncio.Queue[tuple[str, int] | _Close] = asyncio.Queue(maxsize=max_queue)
         self.max_bytes = max_bytes
         self.queued_bytes = 0
-        self.overflowed = asyncio.Event()
+        self.overflowed = asyncio.Event()  # the socket is done for: stalled client, or the sender stopped
+        self.stalled = False  # ...because the client stopped reading
         self.closing = False
         self.sender = asyncio.get_running_loop().create_task(self._send_loop())
 
@@ -166,6 +175,7 @@ class Connection:
 
     def _overflow(self, queued: str) -> None:
         log.warning("client is not reading: %s queued; dropping the connection", queued)
+        self.stalled = True
         self.overflowed.set()
 
     def close(self, code: int = 1000, reason: str = "") -> None:
@@ -265,7 +275,7 @@ async def ws_session(websocket: WebSocket) -> None:
         rt.connections.discard(conn)
         session.touch()
         log.info("websocket closed after %.1f s%s", time.monotonic() - started,
-                 " (client stopped reading)" if conn.overflowed.is_set() else "")
+                 " (client stopped reading)" if conn.stalled else "")
 
 
 async def receive_loop(websocket: WebSocket, conn: Connection, ctx: Context) -> None:

@@ -132,7 +132,7 @@ class Settings:
                                   "messages queued for a client that reads too slowly before it is disconnected")
     ws_send_queue_bytes: int = _setting("INFERENCE_WS_SEND_QUEUE_BYTES", _int(65536), 8 * 2**20,
                                         "bytes queued for a client that reads too slowly before it is disconnected")
-    max_json_values: int = _setting("INFERENCE_MAX_JSON_VALUES", _int(1000), 200_000,
+    max_json_values: int = _setting("INFERENCE_MAX_JSON_VALUES", _int(1000), 100_000,
                                     "JSON values in one WebSocket message or HTTP body, bounded by counting , [ { "
                                     "before parsing (commas inside strings count too)")
     rpc_max_batch: int = _setting("INFERENCE_RPC_MAX_BATCH", _int(1, 10_000), 32,

@@ -138,7 +138,11 @@ def argument_problems(schema: dict[str, Any], arguments: Any) -> str | None:
     if error is None:
         return None
     where = "/".join(str(p) for p in error.absolute_path)
-    return clip_text(error.message) + (f" (at {clip_text(where, 100)})" if where else "")
+    message = error.message
+    if len(message) > 300:  # jsonschema quotes the value: quote less of it, keep the rest of the sentence
+        quoted = repr(error.instance)
+        message = message.replace(quoted, quoted[:60] + "..." if len(quoted) > 60 else quoted)
+    return clip_text(message) + (f" (at {clip_text(where, 100)})" if where else "")
 
 
 def argument_error(schema: dict[str, Any], arguments: Any) -> str | None:
