@@ -31,6 +31,7 @@ class Replay:
 
     texts: list[str]
     missing_from: int | None = None  # the first missed seq that can no longer be sent (None: none)
+    floor: int = 0  # the highest seq no longer kept
 
 
 class ReplayBuffer:
@@ -60,4 +61,4 @@ class ReplayBuffer:
     def since(self, resume_from: int) -> Replay:
         """Every kept notification after ``resume_from``, in order."""
         texts = [text for seq, text, _ in self.entries if seq > resume_from]
-        return Replay(texts, resume_from + 1 if resume_from < self.floor else None)
+        return Replay(texts, resume_from + 1 if resume_from < self.floor else None, self.floor)

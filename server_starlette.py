@@ -29,10 +29,12 @@ from limits import max_token_chars, too_many_tools, tools_problem
 from metrics import Metrics
 from models import CreateSessionRequest, CreateSessionResponse, ErrorCode
 from openai_api import chat_completions, list_models
-from session_socket import GOING_AWAY, METHODS, ws_session
+from session_socket import GOING_AWAY, METHODS, REPLICA_HEADER, ws_session
+from session_store import SessionStore, StoreError
+from sessions import SessionRegistry
 from shared import (ConfigError, LoadedModel, Runtime, Settings, check_model_source, kv_cache_bytes, load_model,
                     setup_logging)
-from tasks import SessionStore
+from tasks import STORE_WAIT_S
 from workers import off_loop
 
 log = logging.getLogger("inference.server")
@@ -114,8 +116,29 @@ async def create_session(request: Request) -> Response:
         session = rt.sessions.create(body.tools, owner, rt.settings.max_sessions_per_key, quota=caller)
     except RpcError as exc:
         return http_error(429 if exc.code == ErrorCode.RATE_LIMITED else 503, "too_many_sessions", exc.message)
+    if problem := await stored(session.save()):  # an id is handed out only once the session survives a restart
+        rt.sessions.remove(session)
+        return http_error(503, "store_unavailable", f"the session could not be stored: {problem}",
+                          headers={"Retry-After": "5"})
     log.info("session %s created with %d tools", session.session_id, len(body.tools))
-    return JSONResponse(CreateSessionResponse(session_id=session.session_id).model_dump())
+    return JSONResponse(CreateSessionResponse(session_id=session.session_id).model_dump(),
+                        headers=replica_header(rt))
+
+
+async def stored(write: asyncio.Future[Any] | None) -> str | None:
+    """Why a write did not reach the store within STORE_WAIT_S, or None once it has."""
+    if write is None:
+        return None
+    try:
+        result = await asyncio.wait_for(asyncio.shield(write), STORE_WAIT_S)
+    except TimeoutError:
+        return "the store did not answer in time"
+    return None if result is None else str(result)[:200]
+
+
+def replica_header(rt: Runtime) -> dict[str, str] | None:
+    """Which replica answered (deploy/haproxy.cfg routes a session's requests to one; this shows it)."""
+    return {REPLICA_HEADER: rt.settings.replica_id} if rt.settings.replica_id else None
 
 
 async def issue_ticket(request: Request) -> Response:
@@ -131,7 +154,11 @@ async def issue_ticket(request: Request) -> Response:
         return payload
     session_id = payload.get("session_id") if isinstance(payload, dict) else None
     if session_id is not None:
-        session = rt.sessions.get(str(session_id))
+        try:
+            session = await rt.sessions.attach(str(session_id))
+        except (StoreError, RpcError) as exc:
+            return http_error(503, "store_unavailable", f"the session cannot be attached now: {exc}"[:300],
+                              headers={"Retry-After": "5"})
         if session is None:
             return http_error(404, "not_found", "no such session")
         if rt.keys.enabled and session.owner != owner:
@@ -151,11 +178,16 @@ async def ready(request: Request) -> JSONResponse:
     rt: Runtime | None = getattr(request.app.state, "runtime", None)
     if rt is None:
         return JSONResponse({"status": "loading"}, status_code=503)
-    engine = rt.engine.engine
+    engine, store = rt.engine.engine, rt.sessions.store.status()
+    headers = replica_header(rt)
     if rt.draining or not engine.alive:
         reason = "shutting down" if rt.draining else engine.dead_reason or "engine not running"
-        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
-    return JSONResponse({"status": "ready", "model": rt.model.name})
+        return JSONResponse({"status": "unavailable", "reason": reason, "session_store": store}, status_code=503,
+                            headers=headers)
+    if not store["ok"]:  # new sessions would not survive a restart: take no new work until the store is back
+        return JSONResponse({"status": "unavailable", "reason": f"session store failing: {store['error']}",
+                             "session_store": store}, status_code=503, headers=headers)
+    return JSONResponse({"status": "ready", "model": rt.model.name, "session_store": store}, headers=headers)
 
 
 async def metrics(request: Request) -> Response:
@@ -188,10 +220,13 @@ def engine_config(settings: Settings, loaded: LoadedModel) -> EngineConfig:
                         cuda_graphs=settings.cuda_graphs == "on")
 
 
-async def _expire_sessions(sessions: SessionStore) -> None:
+async def _expire_sessions(sessions: SessionRegistry) -> None:
     while True:
         await asyncio.sleep(min(60.0, sessions.idle_timeout_s / 2))
-        sessions.expire_idle()
+        try:
+            await sessions.maintain()
+        except Exception:  # never let the expiry loop die
+            log.exception("session maintenance failed")
 
 
 def build_runtime(settings: Settings, loaded: LoadedModel) -> Runtime:
@@ -205,8 +240,15 @@ def build_runtime(settings: Settings, loaded: LoadedModel) -> Runtime:
     engine = Engine(loaded.paged_model, engine_config(settings, loaded))
     engine.on_step = metrics_.on_step
     max_token_chars(loaded.tokenizer)  # computed once here, not by the first request
-    sessions = SessionStore(settings.max_sessions, settings.session_idle_timeout_s,
-                            on_remove=lambda session: engine.release_session(session.session_id))
+    store = SessionStore.open(settings.session_store, max_bytes=settings.session_max_bytes,
+                              idle_s=settings.session_idle_timeout_s)
+    store.on_write = metrics_.store_write.observe
+    log.info("session store: %s", store.name)
+    sessions = SessionRegistry(store, settings.max_sessions, settings.session_idle_timeout_s,
+                               replica_id=settings.replica_id, replay_bytes=settings.resume_buffer_bytes,
+                               replay_keep_s=settings.resume_grace_s,
+                               on_remove=lambda session: engine.release_session(session.session_id))
+    sessions.on_lost_task = metrics_.lost_tasks.inc
     return Runtime(settings, loaded, AsyncEngine(engine), sessions, keys, TicketBook(settings.ticket_ttl_s),
                    RateLimiter(settings.rate_limit_per_min), metrics_)
 
@@ -252,6 +294,7 @@ def create_app(settings: Settings | None = None, *,
         finally:
             expiry.cancel()
             await rt.sessions.close_all()
+            await rt.sessions.store.close()  # the last writes (each task's end) land before the process exits
             await asyncio.to_thread(rt.engine.engine.stop)
             log.info("stopped")
 

@@ -43,6 +43,7 @@
     turn: null,          // the running task's turn (see newTurn), or null when idle
     lastSeq: 0,          // the seq of the last notification received: where a resumed socket starts
     resuming: null,      // {until, delay} while a dropped socket is being reopened
+    abandoned: null,     // a task whose turn ended here when its socket was given up: cancelled on reconnect
   };
 
   // ---- small DOM helpers -------------------------------------------------------------------------------------
@@ -106,7 +107,7 @@
   // Send is possible on an open socket with no running task; Cancel only while a task runs.
   function refreshButtons() {
     const busy = state.turn !== null;
-    ui.send.disabled = !state.connected || busy;
+    ui.send.disabled = !state.connected || busy || state.abandoned !== null;
     ui.cancel.disabled = !state.connected || !busy || state.turn.cancelling;
     ui.reconnect.disabled = state.sessionId === null || state.connected || state.resuming !== null;
   }
@@ -208,6 +209,7 @@
       closeSocket("a new session was created");
       state.sessionId = body.session_id;
       state.lastSeq = 0;
+      state.abandoned = null;
       ui.sessionId.textContent = `session ${body.session_id}`;
       showNote(`Session ${body.session_id} created with ${tools.length} tool(s).`);
       await connect();
@@ -234,14 +236,14 @@
     return url.toString();
   }
 
-  // A first socket starts with the live stream; a later one (Reconnect, or after a drop) resumes after the
-  // last notification received, so an answer still running goes on where it was.
+  // A socket reopened after a drop resumes after the last notification received, so an answer still running
+  // goes on where it was; one opened by hand (Reconnect) starts with the live stream.
   async function connect() {
     if (state.sessionId === null) return;
     setStatus(state.resuming ? "reconnecting…" : "connecting…", "busy");
     let url;
     try {
-      url = await socketUrl(state.sessionId, state.lastSeq > 0 || state.resuming ? state.lastSeq : null);
+      url = await socketUrl(state.sessionId, state.resuming ? state.lastSeq : null);
     } catch (err) {
       if (state.resuming && retryResume()) return;
       setStatus("not connected", "error");
@@ -260,6 +262,11 @@
     state.connected = true;
     state.resuming = null;
     ws.wasOpen = true;
+    if (state.abandoned) {  // its turn is gone from the page: stop it (Send waits for its end)
+      const taskId = state.abandoned;
+      const done = () => { if (state.abandoned === taskId) state.abandoned = null; refreshButtons(); };
+      rpc("cancel", {task_id: taskId}, {fail: done, quiet: true});
+    }
     setStatus("connected", "ok");
     refreshButtons();
     ui.message.focus();
@@ -328,12 +335,22 @@
   function onResumed(params) {
     const turn = state.turn;
     if (turn && !turn.taskId && params.task_id) adoptTask(turn, params.task_id);
+    if (turn && turn.taskId && params.task_id !== turn.taskId) {  // it ended, but its end never reached us
+      showError("The task is no longer running on the server and its outcome was lost with the socket.",
+        "The conversation on the server holds whatever the task completed; send the message again if needed.");
+      endTurnLocally("lost");
+      refreshButtons();
+    }
     for (const pending of state.pending.values()) {
       if (pending.sentOn === state.ws) continue;
       pending.resent = true;
       state.ws.send(pending.text);
       pending.sentOn = state.ws;
     }
+  }
+
+  function generatePending() {
+    return [...state.pending.values()].some((pending) => pending.method === "generate");
   }
 
   // The running turn's task, learnt from its notifications when the generate response was lost with a socket.
@@ -370,7 +387,7 @@
       return;
     }
     if (message.error) {
-      showError(rpcErrorTitle(message.error, method), formatDetails(message.error.data));
+      if (!pending || !pending.quiet) showError(rpcErrorTitle(message.error, method), formatDetails(message.error.data));
       if (pending && pending.fail) pending.fail(message.error);
     } else if (pending && pending.ok) {
       pending.ok(message.result);
@@ -383,8 +400,15 @@
       if (params.seq <= state.lastSeq) return;  // already shown: a replay may overlap what arrived before a drop
       state.lastSeq = params.seq;
     }
+    if (params.task_id && params.task_id === state.abandoned) {
+      if (method === "end") {
+        state.abandoned = null;
+        refreshButtons();
+      }
+      return;
+    }
     const turn = state.turn;
-    if (turn && !turn.taskId && params.task_id) adoptTask(turn, params.task_id);
+    if (turn && !turn.taskId && params.task_id && generatePending()) adoptTask(turn, params.task_id);
     // Every notification names its task; one belonging to no running turn (a late one) is ignored.
     if (!turn || (turn.taskId && params.task_id && params.task_id !== turn.taskId)) return;
     switch (method) {
@@ -478,6 +502,7 @@
   // The turn ends without an `end` from the server (its socket went away).
   function endTurnLocally(reason) {
     const turn = state.turn;
+    if (turn.taskId) state.abandoned = turn.taskId;  // it may still run on the server (INFERENCE_RESUME_GRACE_S)
     turn.node.classList.add("aborted");
     turn.stats.hidden = false;
     turn.stats.replaceChildren(el("span", {className: "finish finish-error", "data-testid": "stat-finish",

@@ -297,8 +297,7 @@ def test_a_socket_closed_by_the_server_ends_every_wait(server):
             session = await client.create_session()
             gen = session.generate("tell me a long story", max_new_tokens=1000)
             await gen.__anext__()
-            emitter = rt.sessions.get(session.session_id).emitter
-            [conn] = [c for c in list(rt.connections) if c.send == emitter]
+            conn = rt.sessions.get(session.session_id).connection
             server.server.loop.call_soon_threadsafe(conn.close, 1001, "going away")
             with pytest.raises(ClientClosed):
                 async for _ in gen:
