@@ -121,8 +121,7 @@ async def create_session(request: Request) -> Response:
         return http_error(503, "store_unavailable", f"the session could not be stored: {problem}",
                           headers={"Retry-After": "5"})
     log.info("session %s created with %d tools", session.session_id, len(body.tools))
-    return JSONResponse(CreateSessionResponse(session_id=session.session_id).model_dump(),
-                        headers=replica_header(rt))
+    return JSONResponse(CreateSessionResponse(session_id=session.session_id).model_dump())
 
 
 async def stored(write: asyncio.Future[Any] | None) -> str | None:
@@ -136,9 +135,22 @@ async def stored(write: asyncio.Future[Any] | None) -> str | None:
     return None if result is None else str(result)[:200]
 
 
-def replica_header(rt: Runtime) -> dict[str, str] | None:
-    """Which replica answered (deploy/haproxy.cfg routes a session's requests to one; this shows it)."""
-    return {REPLICA_HEADER: rt.settings.replica_id} if rt.settings.replica_id else None
+class ReplicaHeader:
+    """Every HTTP response says which replica answered (``X-Inference-Replica``): deploy/haproxy.cfg routes a
+    session's requests to one replica, and this shows it. (WebSocket upgrades carry it too: session_socket.)"""
+
+    def __init__(self, app: Any, replica_id: str) -> None:
+        self.app, self.header = app, (REPLICA_HEADER.lower().encode(), replica_id.encode())
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_header(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self.header]
+            await send(message)
+        await self.app(scope, receive, send_with_header)
 
 
 async def issue_ticket(request: Request) -> Response:
@@ -179,15 +191,13 @@ async def ready(request: Request) -> JSONResponse:
     if rt is None:
         return JSONResponse({"status": "loading"}, status_code=503)
     engine, store = rt.engine.engine, rt.sessions.store.status()
-    headers = replica_header(rt)
     if rt.draining or not engine.alive:
         reason = "shutting down" if rt.draining else engine.dead_reason or "engine not running"
-        return JSONResponse({"status": "unavailable", "reason": reason, "session_store": store}, status_code=503,
-                            headers=headers)
+        return JSONResponse({"status": "unavailable", "reason": reason, "session_store": store}, status_code=503)
     if not store["ok"]:  # new sessions would not survive a restart: take no new work until the store is back
         return JSONResponse({"status": "unavailable", "reason": f"session store failing: {store['error']}",
-                             "session_store": store}, status_code=503, headers=headers)
-    return JSONResponse({"status": "ready", "model": rt.model.name, "session_store": store}, headers=headers)
+                             "session_store": store}, status_code=503)
+    return JSONResponse({"status": "ready", "model": rt.model.name, "session_store": store})
 
 
 async def metrics(request: Request) -> Response:
@@ -299,6 +309,8 @@ def create_app(settings: Settings | None = None, *,
             log.info("stopped")
 
     middleware = [Middleware(HostGuard, allowed=settings.allowed_hosts, bind_host=settings.host)]
+    if settings.replica_id:
+        middleware.append(Middleware(ReplicaHeader, replica_id=settings.replica_id))
     return Starlette(routes=[
         Route("/create_session", create_session, methods=["POST"]),
         Route("/auth/ticket", issue_ticket, methods=["POST"]),

@@ -3,7 +3,7 @@ serving the scripted echo model instead of the tiny model's random weights. The 
 start it, SIGKILL it and start it again; its replies show the history it was given.
 
 The echo model answers ``heard: <every user message of the prompt, joined by " | ">``, so a reply proves which
-conversation the server rebuilt. SCRIPTED_STEP_DELAY_S slows each model step (a task that runs long enough to
+conversation the server rebuilt (see ``echo``). SCRIPTED_STEP_DELAY_S slows each model step (a task that runs long enough to
 be caught mid-stream).
 """
 from __future__ import annotations
@@ -20,7 +20,10 @@ USER = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", re.S)
 
 
 def echo(prompt: str) -> str:
-    return "heard: " + " | ".join(m.strip() for m in USER.findall(prompt))
+    """Every user message of the conversation; a last message with "long" in it gets a long tail (a task that
+    is still running when the test kills the server)."""
+    users = [m.strip() for m in USER.findall(prompt)]
+    return "heard: " + " | ".join(users) + (" and so on" * 300 if users and "long" in users[-1] else "")
 
 
 def main() -> None:
