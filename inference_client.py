@@ -36,7 +36,7 @@ from typing import Any, TextIO
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-SESSION_BUSY, UNKNOWN_TASK, NOT_AWAITING = -32001, -32003, -32007
+SESSION_BUSY, UNKNOWN_TASK, NOT_AWAITING, TASK_LOST = -32001, -32003, -32007, -32011
 SUPERSEDED = 4000  # the server closed this socket: a newer one resumed the session
 FINAL_STATUSES = (400, 401, 403, 404)  # a refused reconnect that trying again cannot fix
 
@@ -300,6 +300,7 @@ class Session:
         self._closing = False
         self._resumed: asyncio.Future[dict[str, Any]] | None = None
         self._claimed: set[str] = set()  # task ids a Generation of ours owns
+        self._ended: set[str] = set()  # ...and those whose end has arrived
         self._answers: dict[str, dict[str, Any]] = {}  # call_id -> the reply sent (a resent request reuses it)
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
@@ -443,6 +444,14 @@ class Session:
             info = await asyncio.wait_for(asyncio.shield(self._resumed), self.timeout)
         except asyncio.TimeoutError:
             info = {}
+        for task_id in self._claimed - self._ended:
+            if info and info.get("task_id") != task_id:  # it ended while we were away, and its end was not kept
+                queue = self._queue_for(task_id)
+                queue.put_nowait({"method": "error", "params": {"task_id": task_id, "error": {
+                    "code": TASK_LOST, "message": "the task is no longer running and its outcome was lost with the "
+                    "socket; the conversation holds whatever it completed"}}})
+                queue.put_nowait({"method": "end", "params": {"task_id": task_id, "finish_reason": "error"}})
+                self._ended.add(task_id)
         for pending in list(self._pending.values()):
             if pending.future.done() or pending.socket_no == socket_no:
                 continue
@@ -476,6 +485,8 @@ class Session:
                 self.last_seq = seq
             task_id = params.get("task_id")
             if task_id is not None:
+                if message["method"] == "end":
+                    self._ended.add(task_id)
                 self._queue_for(task_id).put_nowait(message)
         elif (pending := self._pending.get(message.get("id"))) is not None and not pending.future.done():
             error = message.get("error") or {}

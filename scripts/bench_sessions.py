@@ -88,6 +88,76 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
+def resume_latency(trials: int, tmp: Path) -> dict[str, Any]:
+    """The tiny model (CPU) streaming; its socket is dropped (no close frame) mid-answer and, 100 ms later, a new
+    one opened with ?resume_from=: time from starting the new handshake to the first missed notification, and
+    to ``resumed`` (every missed one sent)."""
+    import threading
+
+    import uvicorn
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from make_tiny_model import build_tiny_model
+    from server_starlette import UVICORN_WS, create_app
+    from shared import Settings
+
+    model_dir = build_tiny_model(tmp / "tiny")
+    settings = Settings(model_id=str(model_dir), host="127.0.0.1", log_file=os.devnull, log_level="ERROR",
+                        max_context=4096,
+                        kv_block_size=16, session_store=f"sqlite:///{tmp}/resume.db")
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_config=None,
+                                           lifespan="on", **UVICORN_WS))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    base = f"127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+
+    async def one() -> tuple[float, float]:
+        import urllib.request
+
+        from websockets.asyncio.client import connect
+
+        request = urllib.request.Request(f"http://{base}/create_session", data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
+        sid = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(request).read()))["session_id"]
+        ws = await connect(f"ws://{base}/ws/{sid}")
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "generate", "params": {
+            "message": "hello", "max_new_tokens": 400, "ignore_eos": True}}))
+        seq = 0
+        while seq < 20:  # some of the answer, then the link dies
+            msg = json.loads(await ws.recv())
+            seq = msg.get("params", {}).get("seq", seq)
+        ws.transport.abort()
+        await asyncio.sleep(0.1)  # the answer goes on meanwhile: there is something to replay
+        started = time.perf_counter()
+        ws = await connect(f"ws://{base}/ws/{sid}?resume_from={seq}")
+        first = resumed = None
+        while resumed is None:
+            msg = json.loads(await ws.recv())
+            now = time.perf_counter()
+            if msg.get("method") == "resumed":
+                resumed = now - started
+            elif first is None and msg.get("params", {}).get("seq", 0) > seq:
+                first = now - started
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": 2, "method": "cancel", "params": {}}))
+        while json.loads(await ws.recv()).get("method") != "end":
+            pass
+        await ws.close()
+        if first is None:
+            raise RuntimeError("nothing was replayed: the answer did not go on while the socket was away")
+        return first, resumed
+
+    try:
+        results = [asyncio.run(one()) for _ in range(trials)]
+    finally:
+        server.should_exit = True
+        thread.join(60)
+    firsts, dones = [r[0] for r in results], [r[1] for r in results]
+    return {"trials": trials, "p50_ms": ms(statistics.median(firsts)), "p99_ms": ms(pct(firsts, 0.99)),
+            "resumed_p50_ms": ms(statistics.median(dones))}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", type=int, default=20)
@@ -113,9 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 proc.terminate()
                 proc.wait()
         if args.resume:
-            from bench_resume import resume_latency
-
-            out["resume"] = resume_latency(args.resume)
+            out["resume"] = resume_latency(args.resume, Path(tmp))
     line = (f"store write per turn: sqlite p50 {out['sqlite']['p50_ms']} ms p99 {out['sqlite']['p99_ms']} ms; "
             f"redis p50 {out['redis']['p50_ms']} ms p99 {out['redis']['p99_ms']} ms")
     if "resume" in out:
