@@ -586,6 +586,14 @@ def test_slow_headers_are_cut_off_and_connections_capped(small):
         sock.close()
 
 
+def test_the_header_deadline_spares_websockets(small):
+    ws = RawWs(small, small.state.runtime.sessions.create([], "anonymous").session_id)
+    time.sleep(1.0)  # twice the header deadline: the socket is past its headers, it stays open
+    ws.send(ws.frame({"jsonrpc": "2.0", "id": 1, "method": "cancel"}))
+    assert ws.response(1)["error"]["code"] == -32002
+    ws.close()
+
+
 def test_report_worst_latencies(capsys):
     """Not a check: prints the worst /health latency seen under each attack (run with -s)."""
     with capsys.disabled():
