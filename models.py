@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import enum
 import json
+from collections import Counter
 from typing import Any, Literal
 
-from jsonschema.exceptions import SchemaError
-from jsonschema.validators import validator_for
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tool_schemas import check_tool_schema
 
 JSONRPC_VERSION = "2.0"
 TOOL_NAME_PATTERN = r"^[A-Za-z0-9_.:\-]{1,64}$"
@@ -60,12 +61,7 @@ class ToolDefinition(BaseModel):
     @field_validator("parameters")
     @classmethod
     def _json_schema_object(cls, schema: dict[str, Any]) -> dict[str, Any]:
-        try:
-            validator_for(schema).check_schema(schema)
-        except SchemaError as exc:
-            raise ValueError(f"parameters is not a valid JSON Schema: {exc.message}") from None
-        if schema.get("type", "object") != "object":
-            raise ValueError('parameters must be a JSON Schema of "type": "object"')
+        check_tool_schema(schema)  # depth, RE2-runnable patterns, metaschema, "type": "object"
         return schema
 
     def for_template(self) -> dict[str, Any]:
@@ -76,10 +72,9 @@ class ToolDefinition(BaseModel):
 
 def _unique_tool_names(tools: list[ToolDefinition] | None) -> list[ToolDefinition] | None:
     if tools:
-        names = [t.name for t in tools]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = sorted(name for name, n in Counter(t.name for t in tools).items() if n > 1)
         if dupes:
-            raise ValueError(f"tool names must be unique; repeated: {', '.join(dupes)}")
+            raise ValueError(f"tool names must be unique; repeated: {', '.join(dupes[:10])}")
     return tools
 
 

@@ -16,27 +16,27 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
-from auth import ApiKeys, RateLimiter, TicketBook
+from auth import ApiKeys, RateLimiter, TicketBook, TicketBookFull
 from engine import AsyncEngine, Engine, EngineConfig
-from jsonrpc import Dispatcher, RpcError, strict_json_loads, validation_details
+from http_guard import BodyError, HostGuard, read_json_body, uvicorn_options
+from jsonrpc import Dispatcher, RpcError, validation_details
+from limits import max_token_chars, too_many_tools, tools_problem
 from metrics import Metrics
-from models import CreateSessionRequest, CreateSessionResponse
+from models import CreateSessionRequest, CreateSessionResponse, ErrorCode
 from openai_api import chat_completions, list_models
-from session_socket import GOING_AWAY, METHODS, tools_problem, ws_session
+from session_socket import GOING_AWAY, METHODS, ws_session
 from shared import (ConfigError, LoadedModel, Runtime, Settings, check_model_source, kv_cache_bytes, load_model,
                     setup_logging)
 from tasks import SessionStore
+from workers import off_loop
 
 log = logging.getLogger("inference.server")
-# Small JSON frames (one per token) gain nothing from permessage-deflate, and compressing each one was the
-# largest cost on the event loop when streaming (measured with py-spy): servers run with it off.
-UVICORN_WS = {"ws_per_message_deflate": False}
+UVICORN_WS = {"ws_per_message_deflate": False}  # see http_guard.uvicorn_options
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -59,16 +59,37 @@ def authenticate(request: Request, rt: Runtime) -> str | JSONResponse:
     return owner
 
 
+def caller_of(request: Request, rt: Runtime, owner: str) -> str:
+    """Who is rate-limited and counted: the key id, or the client address without keys."""
+    return owner if rt.keys.enabled else f"addr:{request.client.host if request.client else '-'}"
+
+
 async def read_json(request: Request, rt: Runtime) -> Any:
     """The JSON body ({} when empty), or the error response to send."""
-    raw = await request.body()
-    if len(raw) > rt.settings.ws_max_message_bytes:
-        return http_error(413, "too_large", f"the body is larger than {rt.settings.ws_max_message_bytes} bytes")
     try:
-        payload = strict_json_loads(raw) if raw.strip() else {}
-    except (ValueError, RecursionError):
-        return http_error(400, "invalid_json", "the request body is not valid JSON")
-    return {} if payload is None else payload
+        return await read_json_body(request, rt.settings)
+    except BodyError as exc:
+        return http_error(exc.status, exc.kind, exc.message)
+
+
+def rate_limited(rt: Runtime, caller: str) -> JSONResponse | None:
+    if retry := rt.limiter.acquire(caller):
+        return http_error(429, "rate_limited", "too many requests", {"retry_after_s": round(retry, 2)},
+                          headers={"Retry-After": str(max(1, round(retry)))})
+    return None
+
+
+def parse_session_request(settings: Settings, payload: Any) -> CreateSessionRequest | JSONResponse:
+    """Validation of a session request (tool schemas included): costly, run on the worker pool."""
+    try:
+        body = CreateSessionRequest.model_validate(payload)
+    except ValidationError as exc:
+        return http_error(422, "invalid_request", "invalid session request", validation_details(exc))
+    except RecursionError:
+        return http_error(422, "invalid_request", "invalid session request: nested too deeply")
+    if problem := tools_problem(settings, body.tools):
+        return http_error(422, "invalid_request", f"tools exceed the server's limits: {problem}")
+    return body
 
 
 async def create_session(request: Request) -> Response:
@@ -78,23 +99,21 @@ async def create_session(request: Request) -> Response:
     owner = authenticate(request, rt)
     if isinstance(owner, Response):
         return owner
-    caller = owner if rt.keys.enabled else f"addr:{request.client.host if request.client else '-'}"
-    if retry := rt.limiter.acquire(caller):
-        return http_error(429, "rate_limited", "too many requests", {"retry_after_s": round(retry, 2)},
-                          headers={"Retry-After": str(max(1, round(retry)))})
+    caller = caller_of(request, rt, owner)
+    if refusal := rate_limited(rt, caller):
+        return refusal
     payload = await read_json(request, rt)
     if isinstance(payload, Response):
         return payload
-    try:
-        body = CreateSessionRequest.model_validate(payload)
-    except ValidationError as exc:
-        return http_error(422, "invalid_request", "invalid session request", validation_details(exc))
-    if problem := tools_problem(rt.settings, body.tools):
+    if isinstance(payload, dict) and (problem := too_many_tools(rt.settings, payload.get("tools"))):
         return http_error(422, "invalid_request", f"tools exceed the server's limits: {problem}")
+    body = await off_loop(parse_session_request, rt.settings, payload)
+    if isinstance(body, Response):
+        return body
     try:
-        session = rt.sessions.create(body.tools, owner, rt.settings.max_sessions_per_key)
+        session = rt.sessions.create(body.tools, owner, rt.settings.max_sessions_per_key, quota=caller)
     except RpcError as exc:
-        return http_error(429 if "this key" in exc.message else 503, "too_many_sessions", exc.message)
+        return http_error(429 if exc.code == ErrorCode.RATE_LIMITED else 503, "too_many_sessions", exc.message)
     log.info("session %s created with %d tools", session.session_id, len(body.tools))
     return JSONResponse(CreateSessionResponse(session_id=session.session_id).model_dump())
 
@@ -105,6 +124,8 @@ async def issue_ticket(request: Request) -> Response:
     owner = authenticate(request, rt)
     if isinstance(owner, Response):
         return owner
+    if refusal := rate_limited(rt, caller_of(request, rt, owner)):
+        return refusal
     payload = await read_json(request, rt)
     if isinstance(payload, Response):
         return payload
@@ -115,7 +136,10 @@ async def issue_ticket(request: Request) -> Response:
             return http_error(404, "not_found", "no such session")
         if rt.keys.enabled and session.owner != owner:
             return http_error(403, "forbidden", "this session belongs to another key")
-    ticket = rt.tickets.issue(owner, None if session_id is None else str(session_id))
+    try:
+        ticket = rt.tickets.issue(owner, None if session_id is None else str(session_id))
+    except TicketBookFull as exc:
+        return http_error(503, "too_many_tickets", str(exc), headers={"Retry-After": "10"})
     return JSONResponse({"ticket": ticket, "expires_in_s": rt.tickets.ttl_s})
 
 
@@ -180,6 +204,7 @@ def build_runtime(settings: Settings, loaded: LoadedModel) -> Runtime:
     metrics_ = Metrics()
     engine = Engine(loaded.paged_model, engine_config(settings, loaded))
     engine.on_step = metrics_.on_step
+    max_token_chars(loaded.tokenizer)  # computed once here, not by the first request
     sessions = SessionStore(settings.max_sessions, settings.session_idle_timeout_s,
                             on_remove=lambda session: engine.release_session(session.session_id))
     return Runtime(settings, loaded, AsyncEngine(engine), sessions, keys, TicketBook(settings.ticket_ttl_s),
@@ -218,7 +243,8 @@ def create_app(settings: Settings | None = None, *,
         rt = build_runtime(settings, loaded)
         rt.engine.engine.start()
         app.state.runtime = rt
-        app.state.dispatcher = Dispatcher(METHODS, observe=rt.metrics.count)
+        app.state.dispatcher = Dispatcher(METHODS, observe=rt.metrics.count, max_batch=settings.rpc_max_batch,
+                                          max_values=settings.max_json_values, offload=off_loop)
         expiry = asyncio.create_task(_expire_sessions(rt.sessions))
         log.info("ready: model %s, listening on %s:%d", loaded.name, settings.host, settings.port)
         try:
@@ -229,8 +255,7 @@ def create_app(settings: Settings | None = None, *,
             await asyncio.to_thread(rt.engine.engine.stop)
             log.info("stopped")
 
-    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))] \
-        if settings.allowed_hosts else []
+    middleware = [Middleware(HostGuard, allowed=settings.allowed_hosts, bind_host=settings.host)]
     return Starlette(routes=[
         Route("/create_session", create_session, methods=["POST"]),
         Route("/auth/ticket", issue_ticket, methods=["POST"]),
@@ -286,7 +311,7 @@ def main() -> None:
         sys.exit(2)
     setup_logging(settings)
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                            ws_max_size=settings.ws_max_message_bytes, **UVICORN_WS)
+                            **uvicorn_options(settings))
     make_server_class()(config).run()
 
 

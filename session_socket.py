@@ -14,11 +14,15 @@ from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from auth import origin_allowed
-from jsonrpc import Dispatcher, Method, RpcError
-from models import CancelParams, ErrorCode, GenerateRequestParams, ToolDefinition, ToolResultParams
-from shared import Runtime, Settings, session_var
-from tasks import Session, Task, TaskFailure
-from utils import build_prompt_ids, generate_interactive_stream_ws, history_to_messages, open_stream, sampling_params
+from jsonrpc import Dispatcher, Method, RpcError, clip
+from limits import (PromptTooLong, check_generate_limits, check_tool_round, precheck_generate, precheck_tool_result,
+                    text_chars_at_least)
+from models import CancelParams, ErrorCode, GenerateRequestParams, ToolResultParams
+from shared import Runtime, session_var
+from tasks import Session, Task, TaskFailure, tool_content
+from workers import off_loop
+from utils import (context_data, generate_interactive_stream_ws, history_to_messages, open_stream, sampling_params,
+                   tokenize_prompt)
 
 log = logging.getLogger("inference.server")
 GOING_AWAY = 1001
@@ -32,41 +36,23 @@ class Context:
     caller: str  # who is rate-limited: the key id, or the client address without keys
 
 
-def invalid(field: str, msg: str) -> RpcError:
-    return RpcError(ErrorCode.INVALID_PARAMS, "Invalid params", [{"loc": [field], "msg": msg, "type": "limit"}])
+def ensure_idle(session: Session) -> None:
+    if session.active_task is not None:
+        raise RpcError(ErrorCode.SESSION_BUSY, "the session already has an active task; cancel it or wait for its end",
+                       {"task_id": session.active_task.task_id})
 
 
-def tools_problem(settings: Settings, tools: list[ToolDefinition]) -> str | None:
-    """Why ``tools`` exceed the configured limits, or None."""
-    if len(tools) > settings.max_tools:
-        return f"at most {settings.max_tools} tools"
-    for tool in tools:
-        if len(json.dumps(tool.model_dump(mode="json"))) > settings.max_tool_schema_bytes:
-            return f"tool {tool.name!r} is larger than {settings.max_tool_schema_bytes} bytes"
-    return None
-
-
-def check_generate_limits(settings: Settings, p: GenerateRequestParams) -> None:
-    if p.max_new_tokens is not None and p.max_new_tokens > settings.max_new_tokens_cap:
-        raise invalid("max_new_tokens", f"must be <= {settings.max_new_tokens_cap}")
-    if p.message is not None and len(p.message) > settings.max_message_chars:
-        raise invalid("message", f"longer than {settings.max_message_chars} characters")
-    if p.history is not None:
-        if len(p.history) > settings.max_history_messages:
-            raise invalid("history", f"more than {settings.max_history_messages} messages")
-        if any(len(m.content or "") > settings.max_message_chars for m in p.history):
-            raise invalid("history", f"a message is longer than {settings.max_message_chars} characters")
-    if p.tools is not None and (problem := tools_problem(settings, p.tools)):
-        raise invalid("tools", problem)
+def precheck_generate_frame(ctx: Context, params: dict[str, Any]) -> None:
+    """Before the params are validated (which can be costly): a busy session, then the size limits."""
+    ensure_idle(ctx.session)
+    precheck_generate(ctx.rt.settings, params)
 
 
 async def rpc_generate(ctx: Context, p: GenerateRequestParams) -> dict[str, Any]:
     rt, session, settings = ctx.rt, ctx.session, ctx.rt.settings
     if rt.draining:
         raise RpcError(ErrorCode.ENGINE_UNAVAILABLE, "the server is shutting down")
-    if session.active_task is not None:
-        raise RpcError(ErrorCode.SESSION_BUSY, "the session already has an active task; cancel it or wait for its end",
-                       {"task_id": session.active_task.task_id})
+    ensure_idle(session)
     check_generate_limits(settings, p)
     if retry := rt.limiter.acquire(ctx.caller):
         raise RpcError(ErrorCode.RATE_LIMITED, "too many requests", {"retry_after_s": round(retry, 2)})
@@ -76,18 +62,20 @@ async def rpc_generate(ctx: Context, p: GenerateRequestParams) -> dict[str, Any]
         messages = history_to_messages(p.history)
     else:
         messages = [*session.messages, {"role": "user", "content": p.message}]
-    try:
-        prompt_ids = build_prompt_ids(rt.tokenizer, messages, tools)
+    try:  # priced, then tokenized on the worker pool
+        prompt_ids = await tokenize_prompt(rt, messages, tools)
+    except PromptTooLong as exc:
+        raise RpcError(ErrorCode.CONTEXT_LENGTH_EXCEEDED, str(exc), context_data(rt, exc)) from None
     except Exception as exc:  # the template rejects the conversation (e.g. roles out of order)
-        raise RpcError(ErrorCode.INVALID_PARAMS, f"the chat template cannot render this conversation: {exc}") from None
-    if settings.max_prompt_tokens and len(prompt_ids) > settings.max_prompt_tokens:
-        raise RpcError(ErrorCode.CONTEXT_LENGTH_EXCEEDED, f"prompt has {len(prompt_ids)} tokens; at most "
-                       f"{settings.max_prompt_tokens} are accepted",
-                       {"prompt_tokens": len(prompt_ids), "max_prompt_tokens": settings.max_prompt_tokens})
+        raise RpcError(ErrorCode.INVALID_PARAMS,
+                       clip(f"the chat template cannot render this conversation: {exc}", 300)) from None
+    if rt.draining:  # what may have changed while the prompt was tokenized
+        raise RpcError(ErrorCode.ENGINE_UNAVAILABLE, "the server is shutting down")
+    ensure_idle(session)
     params = sampling_params(p, rt.model.defaults, max_new, rt.model.stop_token_ids)
     task = Task(session, tools, params, p.stop or [], on_error=lambda code: rt.metrics.errors.labels(code).inc())
     try:
-        task.first_stream = open_stream(rt, task, prompt_ids)
+        open_stream(rt, task, prompt_ids)
     except TaskFailure as failure:
         raise failure.error from None
     session.messages = messages
@@ -103,9 +91,17 @@ async def rpc_generate(ctx: Context, p: GenerateRequestParams) -> dict[str, Any]
 async def rpc_tool_result(ctx: Context, p: ToolResultParams) -> dict[str, Any]:
     task = ctx.session.active_task
     if task is None or task.task_id != p.task_id:
-        raise RpcError(ErrorCode.UNKNOWN_TASK, f"this session has no active task {p.task_id!r}",
+        raise RpcError(ErrorCode.UNKNOWN_TASK, f"this session has no active task {clip(repr(p.task_id))}",
                        {"active_task_id": task.task_id if task else None})
-    task.submit_tool_results(p.results)
+    settings = ctx.rt.settings
+    at_least = await off_loop(lambda: [text_chars_at_least(i.error_message if i.isError else i.result)
+                                       for i in p.results])
+    check_tool_round(settings, at_least, task.round_chars)  # refused before anything is serialized
+    contents = [tool_content(item) for item in p.results]  # bounded now: a few hundred KB at most
+    check_tool_round(settings, contents, task.round_chars)
+    if ctx.session.active_task is not task:
+        raise RpcError(ErrorCode.UNKNOWN_TASK, f"task {task.task_id} has ended")
+    task.submit_tool_results(p.results, contents)
     return {"status": "received"}
 
 
@@ -114,58 +110,94 @@ async def rpc_cancel(ctx: Context, p: CancelParams) -> dict[str, Any]:
     if task is None:
         raise RpcError(ErrorCode.NOTHING_TO_CANCEL, "no active task to cancel")
     if p.task_id is not None and p.task_id != task.task_id:
-        raise RpcError(ErrorCode.UNKNOWN_TASK, f"this session has no active task {p.task_id!r}",
+        raise RpcError(ErrorCode.UNKNOWN_TASK, f"this session has no active task {clip(repr(p.task_id))}",
                        {"active_task_id": task.task_id})
     task.cancel()  # delivered at the task's next await, after this response is queued
     return {"status": "cancelled", "task_id": task.task_id}
 
 
-METHODS = {
-    "generate": Method(GenerateRequestParams, rpc_generate),
-    "tool_result": Method(ToolResultParams, rpc_tool_result),
+METHODS = {  # cancel is validated inline: it must never wait behind costly work
+    "generate": Method(GenerateRequestParams, rpc_generate, precheck=precheck_generate_frame, heavy=True),
+    "tool_result": Method(ToolResultParams, rpc_tool_result,
+                          precheck=lambda ctx, params: precheck_tool_result(ctx.rt.settings, params), heavy=True),
     "cancel": Method(CancelParams, rpc_cancel),
 }
 
 
 # ---- the connection ---------------------------------------------------------------------------------------------
+class _Close:
+    def __init__(self, code: int, reason: str) -> None:
+        self.code, self.reason = code, reason
+
+
+def encode(message: dict[str, Any] | list[Any]) -> tuple[str, int]:
+    """A message as JSON text, and its size in bytes. Text that is not Unicode (a lone surrogate that slipped
+    through) is sent \\u-escaped rather than failing the sender: the connection never goes silent."""
+    text = json.dumps(message, ensure_ascii=False)
+    try:
+        return text, len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        text = json.dumps(message)
+        return text, len(text)
+
+
 class Connection:
-    """Outgoing messages of one socket, sent in order by one sender task, through a bounded queue.
+    """Outgoing messages of one socket, sent in order by one sender task, through a queue bounded in messages
+    and in bytes.
 
     A client that stops reading fills the queue; the connection then counts as stalled (``overflowed``)
     and is dropped, so the server never buffers without bound for it.
     """
 
-    def __init__(self, websocket: WebSocket, max_queue: int) -> None:
+    def __init__(self, websocket: WebSocket, max_queue: int, max_bytes: int = 8 << 20) -> None:
         self.websocket = websocket
-        self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=max_queue)
-        self.overflowed = asyncio.Event()
+        self.queue: asyncio.Queue[tuple[str, int] | _Close] = asyncio.Queue(maxsize=max_queue)
+        self.max_bytes = max_bytes
+        self.queued_bytes = 0
+        self.overflowed = asyncio.Event()  # the socket is done for: stalled client, or the sender stopped
+        self.stalled = False  # ...because the client stopped reading
         self.closing = False
         self.sender = asyncio.get_running_loop().create_task(self._send_loop())
 
     def send(self, message: dict[str, Any] | list[Any]) -> None:
         if self.overflowed.is_set() or self.closing:
             return
+        text, size = encode(message)
+        if self.queued_bytes and self.queued_bytes + size > self.max_bytes:
+            self._overflow(f"{self.queued_bytes} bytes")
+            return
         try:
-            self.queue.put_nowait(message)
+            self.queue.put_nowait((text, size))
         except asyncio.QueueFull:
-            log.warning("client is not reading: %d messages queued; dropping the connection", self.queue.qsize())
-            self.overflowed.set()
+            self._overflow(f"{self.queue.qsize()} messages")
+            return
+        self.queued_bytes += size
+
+    def _overflow(self, queued: str) -> None:
+        log.warning("client is not reading: %s queued; dropping the connection", queued)
+        self.stalled = True
+        self.overflowed.set()
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Close after everything queued so far is sent."""
         if not self.closing:
             self.closing = True
             with contextlib.suppress(asyncio.QueueFull):
-                self.queue.put_nowait(("close", code, reason))
+                self.queue.put_nowait(_Close(code, reason))
 
     async def _send_loop(self) -> None:
-        with contextlib.suppress(Exception):  # the peer went away: the reader sees the disconnect
+        try:
             while True:
-                message = await self.queue.get()
-                if isinstance(message, tuple):
-                    await self.websocket.close(message[1], message[2])
+                item = await self.queue.get()
+                if isinstance(item, _Close):
+                    await self.websocket.close(item.code, item.reason)
                     return
-                await self.websocket.send_text(json.dumps(message, ensure_ascii=False))
+                await self.websocket.send_text(item[0])
+                self.queued_bytes -= item[1]
+        except Exception as exc:  # the peer went away (the reader sees the disconnect), or a bug: say which
+            if isinstance(exc, (TypeError, ValueError)):
+                log.warning("sender failed: %s", clip(repr(exc)))
+            self.overflowed.set()  # either way this socket is done: the session lets go of it
 
     async def stop(self) -> None:
         if not self.overflowed.is_set():
@@ -219,7 +251,7 @@ async def ws_session(websocket: WebSocket) -> None:
         return
     session_var.set(session.session_id)
     await websocket.accept()
-    conn = Connection(websocket, rt.settings.ws_send_queue)
+    conn = Connection(websocket, rt.settings.ws_send_queue, rt.settings.ws_send_queue_bytes)
     rt.connections.add(conn)
     session.emitter = conn.send
     session.touch()
@@ -243,7 +275,7 @@ async def ws_session(websocket: WebSocket) -> None:
         rt.connections.discard(conn)
         session.touch()
         log.info("websocket closed after %.1f s%s", time.monotonic() - started,
-                 " (client stopped reading)" if conn.overflowed.is_set() else "")
+                 " (client stopped reading)" if conn.stalled else "")
 
 
 async def receive_loop(websocket: WebSocket, conn: Connection, ctx: Context) -> None:

@@ -131,6 +131,21 @@ class Settings:
                                          "largest WebSocket message (and HTTP body) accepted")
     ws_send_queue: int = _setting("INFERENCE_WS_SEND_QUEUE", _int(16), 4096,
                                   "messages queued for a client that reads too slowly before it is disconnected")
+    ws_send_queue_bytes: int = _setting("INFERENCE_WS_SEND_QUEUE_BYTES", _int(65536), 8 * 2**20,
+                                        "bytes queued for a client that reads too slowly before it is disconnected")
+    max_json_values: int = _setting("INFERENCE_MAX_JSON_VALUES", _int(1000), 100_000,
+                                    "JSON values in one WebSocket message or HTTP body, bounded by counting , [ { "
+                                    "before parsing (commas inside strings count too)")
+    rpc_max_batch: int = _setting("INFERENCE_RPC_MAX_BATCH", _int(1, 10_000), 32,
+                                  "requests in one JSON-RPC batch (a larger batch is refused whole)")
+    http_header_timeout_s: float = _setting("INFERENCE_HTTP_HEADER_TIMEOUT_S", _float(0.1), 10.0,
+                                            "seconds a connection may take to send a request's headers")
+    http_body_timeout_s: float = _setting("INFERENCE_HTTP_BODY_TIMEOUT_S", _float(0.1), 60.0,
+                                          "seconds a request may take to send its body")
+    http_keep_alive_s: int = _setting("INFERENCE_HTTP_KEEP_ALIVE_S", _int(1, 3600), 5,
+                                      "seconds an idle keep-alive HTTP connection stays open")
+    max_connections: int = _setting("INFERENCE_MAX_CONNECTIONS", _int(1), 1024,
+                                    "open connections (HTTP and WebSocket); beyond, requests get 503")
     # security
     api_key: str = _setting("INFERENCE_API_KEY", _text, "", "API key required on every request (none: no auth)")
     api_keys_file: str = _setting("INFERENCE_API_KEYS_FILE", _text, "", "file with one API key per line")
@@ -149,6 +164,10 @@ class Settings:
     max_message_chars: int = _setting("INFERENCE_MAX_MESSAGE_CHARS", _int(1), 1_000_000,
                                       "characters in one message (and in one history entry)")
     max_history_messages: int = _setting("INFERENCE_MAX_HISTORY_MESSAGES", _int(1), 2000, "entries in a history")
+    max_tool_result_chars: int = _setting("INFERENCE_MAX_TOOL_RESULT_CHARS", _int(1), 100_000,
+                                          "characters of one tool result (as the text the model reads)")
+    max_tool_round_chars: int = _setting("INFERENCE_MAX_TOOL_ROUND_CHARS", _int(1), 200_000,
+                                         "characters of all the tool results of one round of tool calls")
     max_prompt_tokens: int = _setting("INFERENCE_MAX_PROMPT_TOKENS", _int(0), 0,
                                       "prompt tokens per model call (0 = the context minus one)")
     shutdown_grace_s: float = _setting("INFERENCE_SHUTDOWN_GRACE_S", _float(0.0), 30.0,
@@ -211,6 +230,17 @@ class _ContextFilter(logging.Filter):
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [session=%(session_id)s task=%(task_id)s] %(message)s"
+# Line breaks and other control characters a log viewer could act on, as escapes
+_LOG_ESCAPES = {**{c: f"\\x{c:02x}" for c in range(32) if c != 9}, 10: "\\n", 13: "\\r", 0x7F: "\\x7f",
+                0x85: "\\x85", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+class EscapingFormatter(logging.Formatter):
+    """One record, one line: client and model text in a message (a tool name with a newline) cannot forge a
+    log line. Tracebacks, appended after the message, keep their lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).translate(_LOG_ESCAPES)
 
 
 def setup_logging(settings: Settings) -> None:
@@ -223,7 +253,7 @@ def setup_logging(settings: Settings) -> None:
         settings.log_file, maxBytes=settings.log_max_bytes, backupCount=settings.log_backup_count, encoding="utf-8")]
     for handler in handlers:
         handler._inference = True  # type: ignore[attr-defined]
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.setFormatter(EscapingFormatter(LOG_FORMAT))
         handler.addFilter(_ContextFilter())
         root.addHandler(handler)
     root.setLevel(settings.log_level)

@@ -1,14 +1,17 @@
 """Sessions and tasks: their state, ownership of the conversation, tool-result hand-off, cancellation,
-expiry. A task is one ``generate`` call; everything it holds is released in ``Task.run``'s ``finally``."""
+expiry. A task is one ``generate`` call; everything it holds is released in ``Task._ended``, the done-callback
+of its asyncio task, which runs exactly once whatever happens (even a cancel before the task's first step)."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import json
 import logging
 import secrets
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from engine import RequestStream, SamplingParams
-from jsonrpc import RpcError, notification
+from jsonrpc import RpcError, clip, notification
 from models import (EndParams, ErrorCode, ErrorNotificationParams, JsonRpcError, ToolCallRequest, ToolDefinition,
                     ToolResultItem, Usage)
 from shared import task_var
@@ -49,6 +52,7 @@ class Session:
     session_id: str
     tools: list[ToolDefinition]
     owner: str = "anonymous"  # the key id that created it: only that key may attach
+    quota: str = ""  # whose session count it counts against: the key id, or the client address without keys
     messages: list[dict[str, Any]] = field(default_factory=list)  # the conversation, chat-template shaped
     active_task: Task | None = None
     emitter: Emitter | None = None  # the attached WebSocket's sender, if any
@@ -70,25 +74,29 @@ class Session:
 class PendingCall:
     request: ToolCallRequest
     result: ToolResultItem | None = None
+    content: str | None = None  # the result as the tool message's text (measured against the limits)
 
 
 class Task:
     """One ``generate``: runs the turn loop, waits for tool results, ends with exactly one ``end``."""
 
     def __init__(self, session: Session, tools: list[ToolDefinition], params: SamplingParams,
-                 stop: list[str], first_stream: RequestStream | None = None,
+                 stop: list[str], stream: RequestStream | None = None,
                  on_error: Callable[[int], None] | None = None) -> None:
         self.task_id = new_id("task-")
         self.session = session
         self.tools = tools
         self.params = params
         self.stop = stop
-        self.first_stream = first_stream
+        self.stream = stream  # the engine request of the current model call (aborted when the task ends)
+        self.reason: str | None = None  # how the body finished: stop, length, cancelled, error
         self.status = TaskStatus.GENERATING
         self.usage = Usage()
         self.pending: list[PendingCall] = []
+        self.round_chars = 0  # characters of the tool results accepted in this round
         self._results_ready = asyncio.Event()
         self._aio: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
         self.on_error = on_error
@@ -97,45 +105,62 @@ class Task:
         self.session.emit(method, params)
 
     def start(self, body: Callable[[Task], Any]) -> None:
-        """Run ``body(task)`` (the turn loop) as an asyncio task."""
+        """Run ``body(task)`` (the turn loop) as an asyncio task.
+
+        The cleanup is the asyncio task's done-callback, not a ``finally`` in ``run``: a task cancelled before
+        its first step never enters ``run`` at all, but its done-callbacks always run, exactly once.
+        """
         self.session.active_task = self
-        self._aio = asyncio.get_running_loop().create_task(self.run(body), name=self.task_id)
+        context = contextvars.copy_context()
+        context.run(task_var.set, self.task_id)
+        self._aio = asyncio.get_running_loop().create_task(self.run(body), name=self.task_id, context=context)
+        self._aio.add_done_callback(self._ended, context=context)
 
     def cancel(self) -> None:
         if self._aio is not None and not self._aio.done():
             self._aio.cancel()
 
     async def wait(self) -> None:
+        """Until the task has ended (its ``end`` emitted and the session freed)."""
         if self._aio is not None:
             await asyncio.gather(self._aio, return_exceptions=True)
+            await self._closed.wait()
 
     async def run(self, body: Callable[[Task], Any]) -> None:
-        task_var.set(self.task_id)
-        reason = "error"
+        """The body; records how it finished. The cleanup is ``_ended``."""
         try:
-            reason = await body(self)
+            self.reason = await body(self)
         except asyncio.CancelledError:
-            reason = "cancelled"
+            self.reason = "cancelled"
         except TaskFailure as failure:
+            self.reason = "error"
             self._report(failure.error)
         except Exception as exc:  # a bug or a model failure: this task ends, the server goes on
+            self.reason = "error"
             log.exception("task failed")
-            self._report(RpcError(ErrorCode.GENERATION_FAILED, f"generation failed: {exc}"))
-        finally:
-            if self.first_stream is not None:
-                self.first_stream.abort()
-            self._close_unanswered(reason)
-            self.status = TaskStatus.FINISHED
-            self.usage.total_tokens = self.usage.prompt_tokens + self.usage.completion_tokens
-            self.emit("end", EndParams(session_id=self.session.session_id, task_id=self.task_id,
-                                       finish_reason=reason, usage=self.usage))
-            if self.session.active_task is self:
-                self.session.active_task = None
-            self.session.touch()
-            ttft = f"{(self.first_token_at - self.started) * 1000:.0f} ms" if self.first_token_at else "-"
-            log.info("task end: %s, prompt %d tokens (%d cached), completion %d tokens, ttft %s, total %.2f s",
-                     reason, self.usage.prompt_tokens, self.usage.cached_tokens, self.usage.completion_tokens,
-                     ttft, time.perf_counter() - self.started)
+            self._report(RpcError(ErrorCode.GENERATION_FAILED, clip(f"generation failed: {exc}", 1000)))
+
+    def _ended(self, _aio: asyncio.Task[None]) -> None:
+        """The one place a task ends: abort its engine request, close unanswered tool calls, emit ``end``,
+        free the session. Runs once, as the asyncio task's done-callback."""
+        if self.status is TaskStatus.FINISHED:
+            return
+        reason = self.reason or "cancelled"  # no reason: cancelled before its first step
+        if self.stream is not None:
+            self.stream.abort()
+        self._close_unanswered(reason)
+        self.status = TaskStatus.FINISHED
+        self.usage.total_tokens = self.usage.prompt_tokens + self.usage.completion_tokens
+        self.emit("end", EndParams(session_id=self.session.session_id, task_id=self.task_id,
+                                   finish_reason=reason, usage=self.usage))
+        if self.session.active_task is self:
+            self.session.active_task = None
+        self.session.touch()
+        self._closed.set()
+        ttft = f"{(self.first_token_at - self.started) * 1000:.0f} ms" if self.first_token_at else "-"
+        log.info("task end: %s, prompt %d tokens (%d cached), completion %d tokens, ttft %s, total %.2f s",
+                 reason, self.usage.prompt_tokens, self.usage.cached_tokens, self.usage.completion_tokens,
+                 ttft, time.perf_counter() - self.started)
 
     def _report(self, error: RpcError) -> None:
         if self.on_error is not None:
@@ -146,6 +171,7 @@ class Task:
     # ---- tool results ----------------------------------------------------------------------------------------
     async def await_tool_results(self, calls: list[ToolCallRequest], timeout: float) -> list[PendingCall]:
         self.pending = [PendingCall(c) for c in calls]
+        self.round_chars = 0
         self._results_ready.clear()
         self.status = TaskStatus.AWAITING_TOOLS
         try:
@@ -161,8 +187,9 @@ class Task:
     def unanswered(self) -> list[PendingCall]:
         return [p for p in self.pending if p.result is None]
 
-    def submit_tool_results(self, items: list[ToolResultItem]) -> None:
-        """Match results to pending calls (by call_id, else the first unanswered call of that tool)."""
+    def submit_tool_results(self, items: list[ToolResultItem], contents: list[str] | None = None) -> None:
+        """Match results to pending calls (by call_id, else the first unanswered call of that tool).
+        ``contents`` are the results as text (``tool_content``), when the caller has measured them already."""
         if self.status is not TaskStatus.AWAITING_TOOLS:
             raise RpcError(ErrorCode.NOT_AWAITING_TOOL_RESULTS,
                            f"task {self.task_id} is not waiting for tool results (status: {self.status.value})")
@@ -174,14 +201,15 @@ class Task:
             if call is None:
                 expected = [{"call_id": p.request.call_id, "tool": p.request.tool} for p in open_calls]
                 raise RpcError(ErrorCode.INVALID_PARAMS, f"results[{i}] matches no pending tool call",
-                               {"pending": expected})
+                               {"pending": expected[:32]})
             if call.request.tool != item.tool_name:
                 raise RpcError(ErrorCode.INVALID_PARAMS, f"results[{i}]: call {call.request.call_id} is for tool "
-                               f"{call.request.tool!r}, not {item.tool_name!r}")
+                               f"{clip(repr(call.request.tool))}, not {clip(repr(item.tool_name))}")
             open_calls.remove(call)
             matches.append((call, item))
-        for call, item in matches:
-            call.result = item
+        for (call, item), content in zip(matches, contents or [None] * len(matches)):
+            call.result, call.content = item, content
+            self.round_chars += len(content or "")
         if not self.unanswered:
             self._results_ready.set()
 
@@ -192,19 +220,23 @@ class Task:
         note = "cancelled by the client" if reason == "cancelled" else "no result (the task ended)"
         for call in self.pending:
             item = call.result or ToolResultItem(tool_name=call.request.tool, isError=True, error_message=note)
-            self.session.messages.append(tool_message(call.request, item))
+            self.session.messages.append(tool_message(call.request, item, call.content))
         self.pending = []
 
 
-def tool_message(call: ToolCallRequest, item: ToolResultItem) -> dict[str, Any]:
-    """The chat-template message for one tool result."""
+def tool_content(item: ToolResultItem) -> str:
+    """One tool result as the text the model reads."""
     if item.isError:
-        content = json.dumps({"error": item.error_message or item.result or "the tool failed"}, ensure_ascii=False)
-    elif isinstance(item.result, str):
-        content = item.result
-    else:
-        content = json.dumps(item.result, ensure_ascii=False)
-    return {"role": "tool", "content": content, "tool_call_id": call.call_id, "name": call.tool}
+        return json.dumps({"error": item.error_message or item.result or "the tool failed"}, ensure_ascii=False)
+    if isinstance(item.result, str):
+        return item.result
+    return json.dumps(item.result, ensure_ascii=False)
+
+
+def tool_message(call: ToolCallRequest, item: ToolResultItem, content: str | None = None) -> dict[str, Any]:
+    """The chat-template message for one tool result (``content``: ``tool_content(item)``, if known)."""
+    return {"role": "tool", "content": tool_content(item) if content is None else content,
+            "tool_call_id": call.call_id, "name": call.tool}
 
 
 class SessionStore:
@@ -213,6 +245,7 @@ class SessionStore:
     def __init__(self, max_sessions: int, idle_timeout_s: float,
                  on_remove: Callable[[Session], None] = lambda s: None) -> None:
         self.sessions: dict[str, Session] = {}
+        self.per_quota: Counter[str] = Counter()  # live sessions per key (or per client address without keys)
         self.max_sessions = max_sessions
         self.idle_timeout_s = idle_timeout_s
         self.on_remove = on_remove
@@ -220,14 +253,20 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self.sessions)
 
-    def create(self, tools: list[ToolDefinition], owner: str = "anonymous", per_owner: int | None = None) -> Session:
+    def create(self, tools: list[ToolDefinition], owner: str = "anonymous", per_owner: int | None = None,
+               quota: str | None = None) -> Session:
+        """A new session of ``owner``, counted against ``quota`` (default: the owner): at most ``per_owner``
+        each. Without keys every client is the owner "anonymous", so the quota is the client's address."""
         self.expire_idle()
+        quota = quota or owner
         if len(self.sessions) >= self.max_sessions:
             raise RpcError(ErrorCode.OVERLOADED, f"session limit reached ({self.max_sessions})")
-        if per_owner is not None and sum(s.owner == owner for s in self.sessions.values()) >= per_owner:
-            raise RpcError(ErrorCode.RATE_LIMITED, f"this key already has {per_owner} sessions")
-        session = Session(str(uuid.uuid4()), tools, owner)  # 122 random bits, in the seed's uuid shape
+        if per_owner is not None and self.per_quota[quota] >= per_owner:
+            who = "client address" if quota.startswith("addr:") else "key"
+            raise RpcError(ErrorCode.RATE_LIMITED, f"this {who} already has {per_owner} sessions")
+        session = Session(str(uuid.uuid4()), tools, owner, quota=quota)  # 122 random bits, the seed's uuid shape
         self.sessions[session.session_id] = session
+        self.per_quota[quota] += 1
         return session
 
     def get(self, session_id: str) -> Session | None:
@@ -235,6 +274,9 @@ class SessionStore:
 
     def remove(self, session: Session) -> None:
         if self.sessions.pop(session.session_id, None) is not None:
+            self.per_quota[session.quota or session.owner] -= 1
+            if self.per_quota[session.quota or session.owner] <= 0:
+                del self.per_quota[session.quota or session.owner]
             if session.active_task is not None:
                 session.active_task.cancel()
             self.on_remove(session)

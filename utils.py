@@ -10,14 +10,14 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from jsonschema.exceptions import best_match
-from jsonschema.validators import validator_for
-
 from engine import ContextLengthExceeded, EngineOverloaded, EngineStopped, FinishReason, RequestStream, SamplingParams
-from jsonrpc import strict_json_loads
+from jsonrpc import clip, strict_json_loads
+from limits import PromptTooLong, check_prompt_size
 from models import (ErrorCode, FinalTextParams, FunctionCallRequestParams, GenerateRequestParams, HistoryMessage,
                     ToolCallRequest, ToolDefinition, Usage)
 from tasks import Task, TaskFailure, new_id, tool_message
+from tool_schemas import argument_error
+from workers import off_loop
 
 if TYPE_CHECKING:
     from shared import GenerationDefaults, Runtime
@@ -50,12 +50,36 @@ def history_to_messages(history: Sequence[HistoryMessage]) -> list[dict[str, Any
     return messages
 
 
-def build_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], tools: Sequence[ToolDefinition]) -> list[int]:
-    """Token ids of the conversation rendered by the model's own chat template, ready for the reply."""
+def build_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], tools: Sequence[ToolDefinition],
+                     max_tokens: int | None = None) -> list[int]:
+    """Token ids of the conversation rendered by the model's own chat template, ready for the reply.
+
+    With ``max_tokens``, a conversation that cannot fit is refused (PromptTooLong) before it is tokenized when
+    its size alone proves it, else after. Costly: call it off the event loop (``tokenize_prompt``)."""
+    if max_tokens is not None:
+        check_prompt_size(tokenizer, messages, tools, max_tokens)
     encoded = tokenizer.apply_chat_template(messages, tools=[t.for_template() for t in tools] or None,
                                             add_generation_prompt=True, tokenize=True)
     ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+    ids = list(ids[0] if ids and isinstance(ids[0], list) else ids)
+    if max_tokens is not None and len(ids) > max_tokens:
+        raise PromptTooLong(max_tokens, tokens=len(ids))
+    return ids
+
+
+def max_prompt_tokens(rt: Runtime) -> int:
+    """Prompt tokens one model call may have: the configured limit, else the context minus one new token."""
+    return rt.settings.max_prompt_tokens or rt.engine.engine.max_context - 1
+
+
+def context_data(rt: Runtime, exc: PromptTooLong) -> dict[str, int]:
+    """The data of a -32004 error: the prompt's size, its limit, the context."""
+    return {**exc.data(), "max_context": rt.engine.engine.max_context}
+
+
+async def tokenize_prompt(rt: Runtime, messages: list[dict[str, Any]], tools: Sequence[ToolDefinition]) -> list[int]:
+    """``build_prompt_ids`` on the worker pool, priced against the prompt limit."""
+    return await off_loop(build_prompt_ids, rt.tokenizer, list(messages), list(tools), max_prompt_tokens(rt))
 
 
 def sampling_params(p: GenerateRequestParams, defaults: GenerationDefaults, max_new_tokens: int,
@@ -76,14 +100,10 @@ def call_error(name: str, arguments: dict[str, Any], tools: Sequence[ToolDefinit
     """Why a parsed tool call cannot be run as is (no such tool, or arguments that break its JSON Schema)."""
     tool = next((t for t in tools if t.name == name), None)
     if tool is None:
-        known = ", ".join(t.name for t in tools) or "none"
-        return f"there is no tool named {name!r} (the tools are: {known})"
-    validator = validator_for(tool.parameters)(tool.parameters)
-    error = best_match(validator.iter_errors(arguments))
-    if error is None:
-        return None
-    where = "/".join(str(p) for p in error.absolute_path)
-    return f"invalid arguments for {name}: {error.message}" + (f" (at {where})" if where else "")
+        known = ", ".join(t.name for t in tools[:32]) or "none"
+        return f"there is no tool named {clip(repr(name), 100)} (the tools are: {known})"
+    error = argument_error(tool.parameters, arguments)  # RE2 patterns, bounded work: may still take a while
+    return None if error is None else f"invalid arguments for {name}: {error}"
 
 
 def correction_message(call: ToolCallRequest, error: str | None) -> dict[str, Any]:
@@ -274,10 +294,12 @@ class TurnOutput:
     first_token_at: float | None = None
 
 
-def submit(rt: Runtime, prompt_ids: list[int], params: SamplingParams, session_key: str | None) -> RequestStream:
-    """Submit one model call to the engine, mapping its refusals to JSON-RPC errors."""
+def submit(rt: Runtime, prompt_ids: list[int], params: SamplingParams, session_key: str | None,
+           cache_salt: str = "") -> RequestStream:
+    """Submit one model call to the engine, mapping its refusals to JSON-RPC errors. ``cache_salt`` (the
+    owning key) keeps prefix-cache sharing within one key."""
     try:
-        return rt.engine.generate(prompt_ids, params, session_key=session_key)
+        return rt.engine.generate(prompt_ids, params, session_key=session_key, cache_salt=cache_salt)
     except ContextLengthExceeded as exc:
         raise TaskFailure(ErrorCode.CONTEXT_LENGTH_EXCEEDED, str(exc),
                           {"prompt_tokens": exc.prompt_tokens, "max_context": exc.max_context}) from None
@@ -289,7 +311,9 @@ def submit(rt: Runtime, prompt_ids: list[int], params: SamplingParams, session_k
 
 
 def open_stream(rt: Runtime, task: Task, prompt_ids: list[int]) -> RequestStream:
-    return submit(rt, prompt_ids, task.params, task.session.session_id)
+    """The task's next model call; the task aborts it if it ends first."""
+    task.stream = submit(rt, prompt_ids, task.params, task.session.session_id, task.session.owner)
+    return task.stream
 
 
 async def model_turn(rt: Runtime, stream: RequestStream, stop: Sequence[str], usage: Usage, result: TurnOutput,
@@ -361,13 +385,15 @@ async def generate_interactive_stream_ws(task: Task, rt: Runtime) -> str:
     KV cache makes that cost only the new tokens.
     """
     session, texts = task.session, []
-    stream = task.first_stream
+    stream = task.stream  # the first model call, submitted by generate
     corrections = 0
     while True:
         if stream is None:
-            prompt_ids = build_prompt_ids(rt.tokenizer, session.messages, task.tools)
-            stream = open_stream(rt, task, prompt_ids)
-        task.first_stream = None
+            try:
+                ids = await tokenize_prompt(rt, session.messages, task.tools)
+            except PromptTooLong as exc:
+                raise TaskFailure(ErrorCode.CONTEXT_LENGTH_EXCEEDED, str(exc), context_data(rt, exc)) from None
+            stream = open_stream(rt, task, ids)
         separator = "\n\n" if any(texts) else ""
         turn = await stream_turn(rt, task, stream, separator)
         stream = None
@@ -379,7 +405,7 @@ async def generate_interactive_stream_ws(task: Task, rt: Runtime) -> str:
             return turn.finish_reason.value
         calls = [ToolCallRequest(call_id=new_id("call-"), tool=c.name, parameters=c.arguments) for c in turn.calls]
         session.messages.append(assistant_message(turn.text, calls))
-        errors = [call_error(c.tool, c.parameters, task.tools) for c in calls]
+        errors = await off_loop(lambda: [call_error(c.tool, c.parameters, task.tools) for c in calls])
         if any(errors):
             if corrections < rt.settings.tool_call_retries:
                 # The model gets the validation errors as tool responses and calls again; the client never
@@ -391,6 +417,6 @@ async def generate_interactive_stream_ws(task: Task, rt: Runtime) -> str:
             calls = [c.model_copy(update={"validation_error": e}) if e else c for c, e in zip(calls, errors)]
         task.emit("function_call_request", FunctionCallRequestParams(
             session_id=session.session_id, task_id=task.task_id, tool_calls=calls))
-        log.info("tool calls: %s", ", ".join(c.tool for c in calls))
+        log.info("tool calls: %s", ", ".join(clip(c.tool, 100) for c in calls))
         answered = await task.await_tool_results(calls, rt.settings.tool_result_timeout_s)
-        session.messages.extend(tool_message(p.request, p.result) for p in answered)
+        session.messages.extend(tool_message(p.request, p.result, p.content) for p in answered)

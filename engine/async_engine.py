@@ -87,8 +87,9 @@ class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, session_key: str | None = None) -> RequestStream:
+    def generate(self, prompt_ids: list[int], params: SamplingParams, session_key: str | None = None,
+                 cache_salt: str = "") -> RequestStream:
         """Submit a request (errors of ``Engine.submit`` are raised here, synchronously)."""
         stream = RequestStream(self.engine, asyncio.get_running_loop())
-        stream.request_id = self.engine.submit(prompt_ids, params, stream._sink, session_key)
+        stream.request_id = self.engine.submit(prompt_ids, params, stream._sink, session_key, cache_salt)
         return stream

@@ -105,8 +105,9 @@ class Engine:
         return self._thread is not None and self._thread.is_alive() and self.dead_reason is None
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: EventSink,
-               session_key: str | None = None) -> str:
-        """Queue a request; returns its id. Raises ContextLengthExceeded, EngineOverloaded, EngineStopped."""
+               session_key: str | None = None, cache_salt: str = "") -> str:
+        """Queue a request; returns its id. Raises ContextLengthExceeded, EngineOverloaded, EngineStopped.
+        Its prompt shares cached KV blocks only with requests of the same ``cache_salt``."""
         if not prompt_ids:
             raise ValueError("empty prompt")
         vocab = self.model.vocab_size
@@ -114,7 +115,7 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if len(prompt_ids) >= self.max_context:
             raise ContextLengthExceeded(len(prompt_ids), self.max_context)
-        req = Request(list(prompt_ids), params, sink, session_key)
+        req = Request(list(prompt_ids), params, sink, session_key, cache_salt=cache_salt)
         req.max_tokens = min(len(prompt_ids) + params.max_new_tokens, self.max_context)
         with self._lock:
             if not self.alive:

@@ -100,11 +100,12 @@ class Request:
     num_computed: int = 0
     cached_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # chain hashes of the full blocks computed so far
+    block_hashes: list[bytes] = field(default_factory=list)  # chain hashes of the full blocks computed so far
     row: int = -1  # index into per-sequence device buffers while running
     queued: bool = True  # submitted and not yet admitted once (counts against the queue bound)
     generator: Any = None  # torch.Generator of a seeded request, kept across preemption
     max_tokens: int = 0  # hard cap on len(tokens): prompt + new tokens, bounded by the context
+    cache_salt: str = ""  # prefix-cache blocks are shared only between requests with the same salt (the API key)
 
     def __post_init__(self) -> None:
         if not self.tokens:
