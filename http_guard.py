@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from jsonrpc import JsonRefused, clip, parse_json
+from jsonrpc import JsonRefused, clip, parse_json_yielding
 from shared import Settings
 
 log = logging.getLogger("inference.http")
@@ -128,7 +128,7 @@ async def read_json_body(request: Request, settings: Settings) -> Any:
     if content_type is None:
         raise BodyError(415, "unsupported_media_type", "Content-Type must be application/json")
     try:
-        payload = parse_json(raw, settings.max_json_values)
+        payload = await parse_json_yielding(raw, settings.max_json_values)
     except JsonRefused as exc:
         raise BodyError(413 if exc.code == -32600 else 400, "invalid_json", exc.message) from None
     except (ValueError, RecursionError):

@@ -4,6 +4,7 @@ Pure and transport-agnostic: the WebSocket loop hands it text and sends back wha
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -69,12 +70,12 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE_ESCAPE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-def structure_count(text: str | bytes) -> int:
-    """An upper bound on the JSON values in ``text`` (every value but the first follows a comma or opens a
-    container), counted at C speed: the price of parsing it, known before parsing."""
+def structure_count(text: str | bytes, start: int = 0, end: int | None = None) -> int:
+    """An upper bound on the JSON values in ``text[start:end]`` (every value but the first follows a comma or
+    opens a container), counted at C speed: the price of parsing it, known before parsing."""
     if isinstance(text, bytes):
-        return text.count(b",") + text.count(b"[") + text.count(b"{")
-    return text.count(",") + text.count("[") + text.count("{")
+        return text.count(b",", start, end) + text.count(b"[", start, end) + text.count(b"{", start, end)
+    return text.count(",", start, end) + text.count("[", start, end) + text.count("{", start, end)
 
 
 def parse_json(text: str | bytes, max_values: int) -> Any:
@@ -87,16 +88,50 @@ def parse_json(text: str | bytes, max_values: int) -> Any:
     logged or sent back, so it is refused too. Raises JsonRefused, or ValueError/RecursionError (not JSON).
     """
     if len(text) > max_values and structure_count(text) > max_values:
-        raise JsonRefused(-32600, f"Invalid Request: the message holds more than {max_values} JSON values")
+        raise _too_many_values(max_values)
     payload = strict_json_loads(text)
-    pattern = _SURROGATE_ESCAPE_BYTES if isinstance(text, bytes) else _SURROGATE_ESCAPE
-    if pattern.search(text):  # escapes of surrogates: paired ones (emoji from ASCII-only clients) are fine
-        try:
-            json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise JsonRefused(-32700, "Parse error: the message contains an unpaired UTF-16 surrogate escape "
-                                      "(\\ud800-\\udfff alone), which is not Unicode") from None
+    if _surrogate_pattern(text).search(text):
+        _refuse_lone_surrogates(payload)
     return payload
+
+
+async def parse_json_yielding(text: str | bytes, max_values: int, step: int = 1 << 20) -> Any:
+    """``parse_json`` for the event loop: a big text's scans run ``step`` characters at a time, letting the
+    loop serve everyone else in between; only ``json.loads`` itself (bounded by the value count) runs whole."""
+    if len(text) <= step:
+        return parse_json(text, max_values)
+    count = 0
+    for start in range(0, len(text), step):
+        await asyncio.sleep(0)
+        count += structure_count(text, start, start + step)
+        if count > max_values:
+            raise _too_many_values(max_values)
+    await asyncio.sleep(0)
+    payload = strict_json_loads(text)
+    pattern = _surrogate_pattern(text)
+    for start in range(0, len(text), step):
+        await asyncio.sleep(0)
+        if pattern.search(text, start, start + step + 5):  # +5: an escape that straddles the boundary
+            _refuse_lone_surrogates(payload)
+            break
+    return payload
+
+
+def _too_many_values(max_values: int) -> JsonRefused:
+    return JsonRefused(-32600, f"Invalid Request: the message holds more than {max_values} JSON values")
+
+
+def _surrogate_pattern(text: str | bytes) -> re.Pattern:
+    return _SURROGATE_ESCAPE_BYTES if isinstance(text, bytes) else _SURROGATE_ESCAPE
+
+
+def _refuse_lone_surrogates(payload: Any) -> None:
+    """Escapes of surrogates were seen: paired ones (emoji from ASCII-only clients) are fine, lone ones not."""
+    try:
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise JsonRefused(-32700, "Parse error: the message contains an unpaired UTF-16 surrogate escape "
+                                  "(\\ud800-\\udfff alone), which is not Unicode") from None
 
 
 def result_response(request_id: Any, result: Any) -> dict[str, Any]:
@@ -153,7 +188,7 @@ class Dispatcher:
     async def handle_text(self, text: str, context: Any) -> dict[str, Any] | list[dict[str, Any]] | None:
         """The response(s) to one incoming message, or None when nothing is to be sent back."""
         try:
-            payload = parse_json(text, self.max_values)
+            payload = await parse_json_yielding(text, self.max_values)
         except JsonRefused as exc:
             self._observe("-", exc.code)
             return error_response(None, RpcError(exc.code, exc.message))

@@ -88,6 +88,14 @@ def wait_idle(app, timeout: float = 10) -> None:
         time.sleep(0.01)
 
 
+def test_the_probe_sees_a_blocked_loop(app):
+    """The probe itself is tested: a loop blocked for 300 ms shows as such."""
+    with HealthProbe(app) as probe:
+        app.server.loop.call_soon_threadsafe(time.sleep, 0.3)
+        time.sleep(0.4)
+    assert probe.worst_ms > 250
+
+
 # ---- 1. a cancel before the task's first step -----------------------------------------------------------------------
 GENERATE = {"jsonrpc": "2.0", "id": 101, "method": "generate",
             "params": {"message": "tell me a long story", "max_new_tokens": 8000, "ignore_eos": True}}
@@ -576,6 +584,14 @@ def test_slow_headers_are_cut_off_and_connections_capped(small):
     assert httpx.get(f"http://{small.base}/health").status_code == 200
     for sock in idle:
         sock.close()
+
+
+def test_the_header_deadline_spares_websockets(small):
+    ws = RawWs(small, small.state.runtime.sessions.create([], "anonymous").session_id)
+    time.sleep(1.0)  # twice the header deadline: the socket is past its headers, it stays open
+    ws.send(ws.frame({"jsonrpc": "2.0", "id": 1, "method": "cancel"}))
+    assert ws.response(1)["error"]["code"] == -32002
+    ws.close()
 
 
 def test_report_worst_latencies(capsys):
