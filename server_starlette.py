@@ -30,11 +30,10 @@ from metrics import Metrics
 from models import CreateSessionRequest, CreateSessionResponse, ErrorCode
 from openai_api import chat_completions, list_models
 from session_socket import GOING_AWAY, METHODS, REPLICA_HEADER, ws_session
-from session_store import SessionStore, StoreError
-from sessions import SessionRegistry
+from session_store import SessionStore, StoreError, committed
+from sessions import SessionRegistry, dump_tools
 from shared import (ConfigError, LoadedModel, Runtime, Settings, check_model_source, kv_cache_bytes, load_model,
                     setup_logging)
-from tasks import STORE_WAIT_S
 from workers import off_loop
 
 log = logging.getLogger("inference.server")
@@ -112,27 +111,18 @@ async def create_session(request: Request) -> Response:
     body = await off_loop(parse_session_request, rt.settings, payload)
     if isinstance(body, Response):
         return body
+    tools_json = await off_loop(dump_tools, body.tools)
     try:
-        session = rt.sessions.create(body.tools, owner, rt.settings.max_sessions_per_key, quota=caller)
+        session = rt.sessions.create(body.tools, owner, rt.settings.max_sessions_per_key, quota=caller,
+                                     tools_json=tools_json)
     except RpcError as exc:
         return http_error(429 if exc.code == ErrorCode.RATE_LIMITED else 503, "too_many_sessions", exc.message)
-    if problem := await stored(session.save()):  # an id is handed out only once the session survives a restart
+    if problem := await committed(session.save()):  # an id is handed out only once the session survives a restart
         rt.sessions.remove(session)
         return http_error(503, "store_unavailable", f"the session could not be stored: {problem}",
                           headers={"Retry-After": "5"})
     log.info("session %s created with %d tools", session.session_id, len(body.tools))
     return JSONResponse(CreateSessionResponse(session_id=session.session_id).model_dump())
-
-
-async def stored(write: asyncio.Future[Any] | None) -> str | None:
-    """Why a write did not reach the store within STORE_WAIT_S, or None once it has."""
-    if write is None:
-        return None
-    try:
-        result = await asyncio.wait_for(asyncio.shield(write), STORE_WAIT_S)
-    except TimeoutError:
-        return "the store did not answer in time"
-    return None if result is None else str(result)[:200]
 
 
 class ReplicaHeader:

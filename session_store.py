@@ -21,6 +21,7 @@ from store_backends import Backend, StoreError, Stored, open_backend, redact
 log = logging.getLogger("inference.store")
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 RETRY_PING_S = 2.0  # while failing, how often the worker checks whether the store is back
+WAIT_S = 5.0  # how long a caller that needs a write committed waits before it goes on without
 
 
 class BadRecord(StoreError):
@@ -88,6 +89,18 @@ def _shape_problem(record: SessionRecord) -> str | None:
     return None
 
 
+async def committed(write: asyncio.Future[Any] | None) -> str | None:
+    """Wait (up to WAIT_S) for a write queued by ``SessionStore.save``: None once it is committed (or when there
+    was nothing to write), else why not."""
+    if write is None:
+        return None
+    try:
+        result = await asyncio.wait_for(asyncio.shield(write), WAIT_S)
+    except TimeoutError:
+        return f"the store did not confirm the write within {WAIT_S:.0f} s"
+    return None if result is None else str(result)[:200]
+
+
 def dumps(message: dict[str, Any]) -> str:
     # ASCII: its length is its size in bytes, and a lone surrogate in a message cannot fail the write
     return json.dumps(message, separators=(",", ":"))
@@ -150,8 +163,13 @@ class SessionStore:
 
     def _submit(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
         """Run ``fn`` on the worker; the future gets its result, or the exception it raised (as the result
-        for fire-and-forget callers, who never have to retrieve an exception)."""
-        loop = asyncio.get_running_loop()
+        for fire-and-forget callers, who never have to retrieve an exception). Called outside an event loop
+        (a test's thread), the work is queued just the same and the future is one nobody awaits."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = asyncio.new_event_loop()
+            loop.close()  # resolving it is skipped: call_soon_threadsafe on a closed loop raises, caught below
         future: asyncio.Future[Any] = loop.create_future()
 
         def done(result: Any) -> None:

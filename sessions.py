@@ -51,11 +51,11 @@ class SessionRegistry:
         return f"{self.replica_id}.{sid}" if self.replica_id else sid
 
     def create(self, tools: list[ToolDefinition], owner: str = "anonymous", per_owner: int | None = None,
-               quota: str | None = None) -> Session:
+               quota: str | None = None, tools_json: list[dict[str, Any]] | None = None) -> Session:
         """A new session of ``owner``, counted against ``quota`` (default: the owner): at most ``per_owner``
         each. Without keys every client is the owner "anonymous", so the quota is the client's address. (Not
         stored yet: ``create_session`` stores it before it answers.)"""
-        return self._add(Session(self.new_id(), tools, owner, quota=quota or owner), per_owner)
+        return self._add(Session(self.new_id(), tools, owner, quota=quota or owner, tools_json=tools_json), per_owner)
 
     def _add(self, session: Session, per_owner: int | None = None) -> Session:
         self.expire_idle()
@@ -132,9 +132,10 @@ class SessionRegistry:
         if not self.store.durable:
             return None
         session.version += 1
+        if session.tools_json is None:
+            session.tools_json = dump_tools(session.tools)
         record = SessionRecord(
-            session_id=session.session_id, owner=session.owner, quota=session.quota,
-            tools=[t.model_dump(mode="json", exclude_none=True) for t in session.tools],
+            session_id=session.session_id, owner=session.owner, quota=session.quota, tools=session.tools_json,
             messages=list(session.messages), created_at=session.created_at, updated_at=time.time(),
             seq=session.seq, task=session.stored_task, version=session.version)
         start, session.synced = min(session.synced, len(session.messages)), len(session.messages)
@@ -191,7 +192,12 @@ class SessionRegistry:
         await asyncio.gather(*(t.wait() for t in tasks))
 
 
+def dump_tools(tools: list[ToolDefinition]) -> list[dict[str, Any]]:
+    """Tool definitions as stored (``create_session`` runs this on the worker pool: schemas can be large)."""
+    return [t.model_dump(mode="json", exclude_none=True) for t in tools]
+
+
 def from_record(record: SessionRecord, tools: list[ToolDefinition]) -> Session:
     return Session(record.session_id, tools, record.owner, quota=record.quota or record.owner,
                    messages=record.messages, seq=record.seq, created_at=record.created_at, version=record.version,
-                   synced=len(record.messages))
+                   synced=len(record.messages), tools_json=record.tools)

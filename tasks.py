@@ -23,11 +23,11 @@ from log_context import task_var
 from models import (EndParams, ErrorCode, ErrorNotificationParams, FunctionCallRequestParams, JsonRpcError,
                     ToolCallRequest, ToolDefinition, ToolResultItem, Usage)
 from resume import ReplayBuffer
+from session_store import committed
 
 log = logging.getLogger("inference.tasks")
 
 Emitter = Callable[[str, int], None]  # puts one encoded JSON-RPC message (text, bytes) on a connection
-STORE_WAIT_S = 5.0  # how long a task waits for its conversation to be stored before it goes on regardless
 
 
 def new_id(prefix: str) -> str:
@@ -68,6 +68,7 @@ class Session:
     created_at: float = field(default_factory=time.time)
     version: int = 0  # writes so far
     synced: int = 0  # leading messages the store holds unchanged: the next write starts there
+    tools_json: list[dict[str, Any]] | None = None  # ``tools`` as stored (dumped once, off the event loop)
     stored_task: dict[str, Any] | None = None  # the running task as stored: {"task_id", "base"}
     lost_task: str | None = None  # a task the store says was running when its process died
     too_large: bool = False  # the last write was refused: larger than the store allows
@@ -103,18 +104,10 @@ class Session:
         return None if self.saver is None else self.saver(self)
 
     async def save_durably(self) -> None:
-        """Write the session and wait (up to STORE_WAIT_S) until the store has it: what a client is told next
-        survives this process. A failing store is logged and shown in /ready; the task goes on regardless."""
-        future = self.save()
-        if future is None:
-            return
-        try:
-            result = await asyncio.wait_for(asyncio.shield(future), STORE_WAIT_S)
-        except TimeoutError:
-            log.warning("the session store did not confirm a write within %.0f s; going on", STORE_WAIT_S)
-            return
-        if isinstance(result, BaseException):
-            log.warning("the conversation was not stored (%s); going on", clip(str(result), 200))
+        """Write the session and wait (up to session_store.WAIT_S) until the store has it: what a client is told
+        next survives this process. A failing store is logged and shown in /ready; the task goes on regardless."""
+        if problem := await committed(self.save()):
+            log.warning("the conversation was not stored (%s); going on", clip(problem, 200))
 
 
 @dataclass
