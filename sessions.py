@@ -15,7 +15,7 @@ from typing import Any
 from jsonrpc import RpcError
 from models import ErrorCode, ToolDefinition
 from resume import ReplayBuffer
-from session_store import SessionRecord, SessionStore, SessionTooLarge
+from session_store import SessionRecord, SessionStore, SessionTooLarge, StoreError
 from tasks import Session, Task
 from workers import off_loop
 
@@ -92,7 +92,10 @@ class SessionRegistry:
         session = self.sessions.get(session_id)
         if session is not None and self.store.shared and session.active_task is None and session.connection is None:
             # Another replica may have served it meanwhile (while this one was unreachable): its copy wins.
-            stored = await self.store.version(session_id)
+            try:
+                stored = await self.store.version(session_id)
+            except StoreError:  # the store is down (and /ready says so): the copy held here is the best there is
+                return session
             if stored is None:  # the store lost it (Redis restarted without its data): write it whole again
                 log.warning("session %s: missing from the store; writing it again", session_id)
                 session.synced = 0

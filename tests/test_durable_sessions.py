@@ -26,7 +26,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from conftest import REPO_ROOT
-from services import free_port
+from services import Redis, free_port
 from shared import Settings
 from support import create_session, running_server, scripted_loader
 from utils import build_prompt_ids
@@ -296,6 +296,38 @@ def test_a_failing_store_is_shown_in_ready_and_refuses_new_sessions(base_setting
         assert ready.status_code == 503 and "session store failing" in ready.json()["reason"]
         assert ready.json()["session_store"]["ok"] is False
         assert len(app.state.runtime.sessions) == 0
+
+
+def test_a_redis_outage_keeps_held_sessions_going_and_shows_in_ready(base_settings, tmp_path):
+    """Redis goes away: a session this replica holds still attaches and answers (its writes fail, logged), /ready
+    turns 503 with the reason and create_session refuses; Redis comes back: /ready is 200 again by itself."""
+    redis = Redis(tmp_path / "redis").start()
+    try:
+        settings = replace(base_settings, session_store=redis.url)
+        with running_server(settings, scripted_loader(story)) as app:
+            sid = create_session(app)
+            redis.stop()
+
+            async def go():
+                stream = Stream(app.base, sid)
+                await stream.open()
+                await stream.call("generate", {"message": "tell story 5"})
+                while (await stream.recv(timeout=30)).get("method") != "end":
+                    pass
+                finals = [n for n in stream.notes if n["method"] == "final_text"]
+                assert finals and finals[0]["params"]["final_text"].startswith("story 5:")
+            run(go())
+            ready = httpx.get(f"http://{app.base}/ready", timeout=5)
+            assert ready.status_code == 503 and "redis" in ready.json()["reason"]
+            assert httpx.post(f"http://{app.base}/create_session", timeout=20).status_code == 503
+            redis.start()
+            deadline = time.monotonic() + 20
+            while httpx.get(f"http://{app.base}/ready", timeout=5).status_code != 200:
+                assert time.monotonic() < deadline, "the store did not come back"
+                time.sleep(0.2)
+            assert httpx.post(f"http://{app.base}/create_session", timeout=20).status_code == 200
+    finally:
+        redis.stop()
 
 
 def test_idle_expiry_deletes_from_the_store(base_settings):
