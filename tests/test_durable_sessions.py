@@ -25,7 +25,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import REPO_ROOT
+from auth import key_id
 from services import Redis, free_port
 from shared import Settings
 from support import create_session, running_server, scripted_loader
@@ -328,6 +328,42 @@ def test_a_redis_outage_keeps_held_sessions_going_and_shows_in_ready(base_settin
             assert httpx.post(f"http://{app.base}/create_session", timeout=20).status_code == 200
     finally:
         redis.stop()
+
+
+def test_ownership_and_tickets_survive_a_restart(base_settings, tmp_path):
+    """The stored owner is the key's id (never the key): after a restart the same key attaches (by header or by a
+    ticket issued for a session only the store holds) and another key is refused."""
+    key_a, key_b = "key-a-0123456789abcdef", "key-b-0123456789abcdef"
+    keys = tmp_path / "keys"
+    keys.write_text(f"{key_a}\n{key_b}\n")
+    settings = replace(base_settings, api_keys_file=str(keys), session_store=f"sqlite:///{tmp_path}/own.db")
+    auth = lambda key: {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}  # noqa: E731
+    with running_server(settings, scripted_loader(story)) as app:
+        sid = httpx.post(f"http://{app.base}/create_session", headers=auth(key_a), json={}).json()["session_id"]
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("own.db*"))
+    assert key_id(key_a).encode() in stored and key_a.encode() not in stored
+    with running_server(settings, scripted_loader(story)) as app:  # a new process would see the same
+        assert httpx.post(f"http://{app.base}/auth/ticket", headers=auth(key_b),
+                          json={"session_id": sid}).status_code == 403
+        ticket = httpx.post(f"http://{app.base}/auth/ticket", headers=auth(key_a), json={"session_id": sid}).json()
+
+        async def go():
+            with pytest.raises(InvalidStatus) as other:
+                await connect(f"ws://{app.base}/ws/{sid}", additional_headers={"Authorization": f"Bearer {key_b}"})
+            assert other.value.response.status_code == 403
+            got = await turn_with(f"ws://{app.base}/ws/{sid}?ticket={ticket['ticket']}", "tell story 2")
+            assert got["final_text"]["final_text"].startswith("story 2:")
+        run(go())
+
+
+async def turn_with(url: str, message: str) -> dict[str, Any]:
+    async with connect(url, max_size=None) as ws:
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "generate", "params": {"message": message}}))
+        got: dict[str, Any] = {}
+        while "end" not in got:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            got[msg.get("method", "response")] = msg.get("params", msg)
+        return got
 
 
 def test_idle_expiry_deletes_from_the_store(base_settings):
