@@ -204,6 +204,8 @@ def main() -> None:
     args = parser.parse_args()
     if not 1 <= args.replicas <= 16:
         parser.error("--replicas must be between 1 and 16")
+    if args.model is not None and not (args.model / "config.json").is_file():
+        parser.error(f"--model {args.model}: no model directory with a config.json there")
     model = args.model or tiny_model(REPO / "models" / "tiny")
     cluster = Cluster(args.dir.resolve(), model.resolve(), args.replicas, args.port)
     stop = []
