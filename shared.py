@@ -1,7 +1,6 @@
 """Process-wide pieces: settings from env/.env, logging, model + tokenizer loading, the runtime state."""
 from __future__ import annotations
 
-import contextvars
 import logging
 import logging.handlers
 import math
@@ -14,11 +13,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from log_context import session_var, task_var  # noqa: F401 (the log filter reads them; tests import them here)
+from store_backends import check_url
+
 if TYPE_CHECKING:  # heavy imports happen inside load_model, never at import time
     from auth import ApiKeys, RateLimiter, TicketBook
     from engine import AsyncEngine
     from metrics import Metrics
-    from tasks import SessionStore
+    from sessions import SessionRegistry
 
 log = logging.getLogger("inference")
 DOWNLOAD_HINT = "python scripts/download_14b_model.py"
@@ -67,6 +69,13 @@ def _float(lo: float) -> Callable[[str], float]:
 def _text(raw: str) -> str:
     if not raw.strip():
         raise ValueError("must not be empty")
+    return raw.strip()
+
+
+def _replica(raw: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", raw.strip()):
+        raise ValueError("use 1-32 lowercase letters, digits, _ or -, starting with a letter or digit (it names "
+                         "the HAProxy server of this replica)")
     return raw.strip()
 
 
@@ -127,6 +136,20 @@ class Settings:
     session_idle_timeout_s: float = _setting("INFERENCE_SESSION_IDLE_TIMEOUT_S", _float(1.0), 3600.0,
                                              "idle sessions are deleted after this long")
     max_sessions: int = _setting("INFERENCE_MAX_SESSIONS", _int(1), 10000, "sessions alive at once")
+    # durable sessions, resumable streams, replicas
+    session_store: str = _setting("INFERENCE_SESSION_STORE", check_url, "sqlite:///sessions.db",
+                                  "where sessions are kept: sqlite:///path.db (this server; relative to the working "
+                                  "directory), redis://host:port/db (shared by replicas), or memory (lost on restart)")
+    session_max_bytes: int = _setting("INFERENCE_SESSION_MAX_BYTES", _int(4096), 32 * 2**20,
+                                      "largest stored session (its conversation and tools as JSON)")
+    resume_grace_s: float = _setting("INFERENCE_RESUME_GRACE_S", _float(0.0), 30.0,
+                                     "a task whose socket dropped runs on this long, buffering, for the client to "
+                                     "reconnect with ?resume_from=; 0 = cancel it at once")
+    resume_buffer_bytes: int = _setting("INFERENCE_RESUME_BUFFER_BYTES", _int(4096), 2**20,
+                                        "notifications kept per session for a resuming client (JSON bytes)")
+    replica_id: str = _setting("INFERENCE_REPLICA_ID", _replica, "",
+                               "this replica's name (HAProxy's server name): session ids begin with it, so the "
+                               "proxy routes each session back here; empty = plain uuid session ids")
     ws_max_message_bytes: int = _setting("INFERENCE_WS_MAX_MESSAGE_BYTES", _int(1024), 16 * 2**20,
                                          "largest WebSocket message (and HTTP body) accepted")
     ws_send_queue: int = _setting("INFERENCE_WS_SEND_QUEUE", _int(16), 4096,
@@ -218,10 +241,6 @@ def check_model_source(settings: Settings) -> None:
 
 
 # ---- logging -----------------------------------------------------------------------------------------------
-session_var: contextvars.ContextVar[str] = contextvars.ContextVar("session_id", default="-")
-task_var: contextvars.ContextVar[str] = contextvars.ContextVar("task_id", default="-")
-
-
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.session_id = session_var.get()
@@ -426,7 +445,7 @@ class Runtime:
     settings: Settings
     model: LoadedModel
     engine: AsyncEngine
-    sessions: SessionStore
+    sessions: SessionRegistry
     keys: ApiKeys
     tickets: TicketBook
     limiter: RateLimiter
