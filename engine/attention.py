@@ -124,6 +124,16 @@ def reference_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
     return out
 
 
+def compile_count() -> int:
+    """Attention kernels Triton has compiled so far in this process (0 under the interpreter)."""
+    try:
+        from engine import attention_triton as kern
+    except ImportError:
+        return 0
+    return sum(len(entry[0]) for fn in (kern.decode_kernel, kern.reduce_kernel, kern.prefill_kernel)
+               for entry in getattr(fn, "device_caches", {}).values())
+
+
 # ---- paged: the Triton kernels --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KernelShapes:
@@ -198,8 +208,18 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         block_m = max(shapes.prefill_block_m, _block(g))
         tiles = (tokens - nd) // (block_m // g) + (nseq - nd)
         kern.prefill_kernel[(tiles, kvh)](
-            q, k_pool, v_pool, out, meta.block_table, meta.block_rows[nd:], meta.seq_lens[nd:],
-            meta.query_start[nd:], nseq - nd, q.stride(0), q.stride(1), *common, qk_scale,
+            q, k_pool, v_pool, out, meta.block_table, meta.block_rows, meta.seq_lens, meta.query_start, nd,
+            nseq - nd, q.stride(0), q.stride(1), *common, qk_scale,
             G=g, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=shapes.prefill_block_n, BLOCK_D=block_d,
             PRECISION=precision, num_warps=shapes.prefill_num_warps, num_stages=shapes.num_stages)
     return out
+
+
+def compile_count() -> int:
+    """Attention kernels Triton has compiled so far in this process (0 under the interpreter)."""
+    try:
+        from engine import attention_triton as kern
+    except ImportError:
+        return 0
+    return sum(len(entry[0]) for fn in (kern.decode_kernel, kern.reduce_kernel, kern.prefill_kernel)
+               for entry in getattr(fn, "device_caches", {}).values())

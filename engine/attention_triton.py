@@ -96,7 +96,7 @@ def decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, table_ptr, rows_ptr, seq_lens_ptr,
                  out.to(o_ptr.dtype.element_ty), mask=hmask[:, None] & dmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def reduce_kernel(part_o_ptr, part_lse_ptr, o_ptr, stride_ot, stride_oh, num_splits,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     """Merge one (row, head)'s split outputs by their log-sum-exp weights."""
@@ -133,15 +133,20 @@ def _find_sequence(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1, base
 
 
-@triton.jit
-def prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, table_ptr, rows_ptr, seq_lens_ptr, qsl_ptr, num_seqs,
+@triton.jit(do_not_specialize=["first_seq", "num_seqs"])
+def prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, table_ptr, rows_ptr, seq_lens_ptr, qsl_ptr, first_seq, num_seqs,
                    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh,
                    stride_table, block_size, qk_scale,
                    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Sequences ``first_seq .. first_seq + num_seqs - 1`` of the step (counts passed as data, not specialised on,
+    so no step shape compiles a new variant)."""
     BLOCK_Q: tl.constexpr = BLOCK_M // G
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
+    rows_ptr += first_seq
+    seq_lens_ptr += first_seq
+    qsl_ptr += first_seq
     i, base = _find_sequence(qsl_ptr, tile, num_seqs, BLOCK_Q)
     q_start = tl.load(qsl_ptr + i)
     q_len = (tl.load(qsl_ptr + i + 1) - q_start).to(tl.int32)

@@ -120,8 +120,10 @@ class Engine:
 
     # ---- any thread ----------------------------------------------------------------------------------
     def start(self) -> None:
-        """Capture the decode graphs (CUDA, paged attention: all of them, now, before anything is served) and
-        start the engine thread."""
+        """Compile the attention kernels and capture the decode graphs (CUDA, paged attention: all of them, now,
+        before anything is served), then start the engine thread."""
+        if self.attention == "paged" and self.model.device.type == "cuda":
+            self.runner.warm_up()
         if self.runner.graphs is not None:
             self.runner.graphs.capture_all()
         # The engine thread needs the GIL back quickly between forward passes while the event loop streams

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from engine.block_manager import BlockManager
-from engine.model_runner import ModelRunner, PagedModel
-from engine.request import Request, SamplingParams
+from engine.model_runner import ModelRunner, PagedModel, scratch_step
+from engine.request import SamplingParams
 from engine.sampler import Sampler
-from engine.scheduler import Step
 
 log = logging.getLogger(__name__)
 
@@ -25,20 +24,6 @@ class StepMemory:
 
     step_bytes: int  # the largest eager step (prompt chunks and a full batch of decodes) with its sampling
     graph_bytes: int  # one decode step at the largest batch: what the shared graph pool holds
-
-
-def _probe_step(max_rows: int, tokens: int, block_size: int, decode_only: bool) -> Step:
-    """A step of ``max_rows`` sequences in the scratch block: all decodes, or decodes plus one prompt chunk that
-    completes (so every row asks for logits), ``tokens`` tokens in all."""
-    reqs, counts = [], []
-    for row in range(max_rows):
-        n = 1 if decode_only or row < max_rows - 1 else max(1, tokens - (max_rows - 1))
-        req = Request([0] * (n + 1), SamplingParams(), lambda event: None)
-        req.row, req.num_computed = row, 1
-        req.block_ids = [0] * (-(-(n + 1) // block_size))
-        reqs.append(req)
-        counts.append(n)
-    return Step(reqs, counts)
 
 
 def _peak(fn) -> int:
@@ -62,8 +47,8 @@ def profile(model: PagedModel, max_rows: int, max_step_tokens: int, block_size: 
     worst = SamplingParams(temperature=1.0, top_p=0.9, min_p=0.01, repetition_penalty=1.1, presence_penalty=0.5)
     for row in range(max_rows):  # every sampling feature on, top_k 0: a full sort of the vocabulary
         sampler.start_row(row, worst, [0], seed=row)
-    big = _probe_step(max_rows, max_step_tokens, block_size, decode_only=False)
-    decode = _probe_step(max_rows, max_rows, block_size, decode_only=True)
+    big = scratch_step([1] * (max_rows - 1) + [max(1, max_step_tokens - (max_rows - 1))], block_size)
+    decode = scratch_step([1] * max_rows, block_size)
     for req in big.requests:
         runner.start_row(req)
 

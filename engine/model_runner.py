@@ -18,7 +18,7 @@ import torch
 from engine.attention import AttentionMetadata
 from engine.block_manager import BlockManager
 from engine.cuda_graphs import DecodeGraphs
-from engine.request import Request
+from engine.request import Request, SamplingParams
 from engine.scheduler import Step
 
 
@@ -38,6 +38,18 @@ class PagedModel(Protocol):
 def bucket(n: int, cap: int) -> int:
     """Round up to a power of two (fewer distinct shapes: fewer CUDA graphs, reusable kernels)."""
     return min(cap, 1 << max(0, n - 1).bit_length())
+
+
+def scratch_step(counts: list[int], block_size: int) -> Step:
+    """A step of sequences living in the scratch block only (rows 0, 1, ...), ``counts[i]`` tokens each and every
+    one completing: for profiling and warming up (what it writes lands in the scratch block)."""
+    reqs = []
+    for row, n in enumerate(counts):
+        req = Request([0] * (n + 1), SamplingParams(), lambda event: None)
+        req.row, req.num_computed = row, 1
+        req.block_ids = [0] * (-(-(n + 1) // block_size))
+        reqs.append(req)
+    return Step(reqs, list(counts))
 
 
 @dataclass
@@ -193,6 +205,15 @@ class ModelRunner:
                                  d["logits_indices"][:num_logits], num_decode, query_lens, gather_blocks=width)
         return StepInputs(d["input_ids"][:tokens], d["positions"][:tokens], meta,
                           d["sample_rows"][:len(sample_host_rows)], sample_host_rows)
+
+    def warm_up(self) -> None:
+        """Compile, before serving, the attention kernels of the step shapes graph capture does not run: a prompt
+        chunk alone and decodes beside chunks (their launch counts are data, so these cover every later step)."""
+        for counts in ([17], ([1] * min(2, self.max_rows - 1) + [17, 5])[:self.max_rows]):
+            step = scratch_step(counts, self.block_size)
+            for req in step.requests:
+                self.start_row(req)
+            self.run(step)
 
     def run(self, step: Step) -> tuple[torch.Tensor, StepInputs]:
         """Logits [S, V] of the sequences this step completes (``StepInputs.sample_rows`` says whose)."""

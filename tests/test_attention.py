@@ -173,7 +173,7 @@ for name, g, d in json.loads(sys.argv[1]):
                       SPLIT=split, PRECISION="tf32")
         results[f"decode {name} split={split}"] = usage(kern.decode_kernel, sig, consts, SHAPES.num_warps,
                                                         SHAPES.num_stages)
-    sig = {**io, "qsl_ptr": "*i64", "num_seqs": "i32", **strides, "qk_scale": "fp32"}
+    sig = {**io, "qsl_ptr": "*i64", "first_seq": "i32", "num_seqs": "i32", **strides, "qk_scale": "fp32"}
     consts = dict(G=g, HEAD_DIM=d, BLOCK_M=max(SHAPES.prefill_block_m, _block(g)), BLOCK_N=SHAPES.prefill_block_n,
                   BLOCK_D=_block(d), PRECISION="tf32")
     results[f"prefill {name}"] = usage(kern.prefill_kernel, sig, consts, SHAPES.prefill_num_warps, SHAPES.num_stages)

@@ -217,3 +217,20 @@ def test_profiling_runs_the_largest_step_shapes(tiny_hf_model):
     assert runs == [(5, 50), (6, 6)]  # five decodes + one 45-token chunk; then a full batch of decodes
     with pytest.raises(ValueError, match="CUDA"):
         Engine(paged, EngineConfig(kv_cache_bytes=0))
+
+
+@pytest.mark.parametrize("max_running", [1, 2, 8])
+def test_warm_up_runs_a_chunk_alone_and_decodes_beside_chunks(make_engine, tiny_hf_model, reference, max_running):
+    """What start-up runs on CUDA before capturing graphs (so no kernel compiles on a request); it writes only the
+    scratch block, so serving afterwards is unaffected."""
+    engine = make_engine(start=False, max_running=max_running)
+    kinds: list[str] = []
+    run = engine.runner.run
+    engine.runner.run = lambda step: kinds.append(step.kind) or run(step)
+    engine.runner.warm_up()
+    assert kinds == ["prefill", "mixed" if max_running > 1 else "prefill"]
+    engine.start()
+    p = prompt(21, seed=77)
+    c = submit(engine, p, greedy(6))
+    c.wait()
+    assert c.tokens == reference(p, 6)
