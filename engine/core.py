@@ -209,9 +209,10 @@ class Engine:
             elif kind == "release":
                 self.blocks.drop_tail(arg)
 
-    def step(self) -> None:
-        started = time.perf_counter()
-        for req in self.scheduler.admit():
+    def admit(self) -> list[Request]:
+        """Give waiting requests rows and KV blocks while they fit, and their rows' device state (engine thread)."""
+        admitted = self.scheduler.admit()
+        for req in admitted:
             if req.queued:  # first admission: what the prompt found in the cache (not a re-admission's)
                 req.cached_tokens = req.num_computed
             self._dequeue(req)
@@ -223,6 +224,11 @@ class Engine:
             except Exception as exc:
                 log.exception("could not start %s", req.request_id)
                 self._finish(req, FinishReason.ERROR, error=f"could not start the request: {exc!r}")
+        return admitted
+
+    def step(self) -> None:
+        started = time.perf_counter()
+        self.admit()
         step, _preempted = self.scheduler.schedule()
         if step is None:
             return
