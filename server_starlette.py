@@ -23,6 +23,7 @@ from starlette.staticfiles import StaticFiles
 
 from auth import ApiKeys, RateLimiter, TicketBook, TicketBookFull
 from engine import AsyncEngine, Engine, EngineConfig
+from engine.attention import resolve_backend
 from http_guard import BodyError, HostGuard, read_json_body, uvicorn_options
 from jsonrpc import Dispatcher, RpcError, validation_details
 from limits import max_token_chars, too_many_tools, tools_problem
@@ -186,6 +187,10 @@ def engine_config(settings: Settings, loaded: LoadedModel) -> EngineConfig:
         raise ConfigError(f"INFERENCE_MAX_STEP_TOKENS={settings.max_step_tokens} must exceed INFERENCE_MAX_BATCH="
                           f"{settings.max_batch}: a step carries a token for every running sequence and room for "
                           f"prompt tokens")
+    try:
+        resolve_backend(settings.attention, loaded.paged_model.device)
+    except ValueError as exc:
+        raise ConfigError(f"INFERENCE_ATTENTION={settings.attention}: {exc}") from None
     return EngineConfig(max_running=settings.max_batch, max_context=max_context, block_size=settings.kv_block_size,
                         kv_cache_bytes=kv_cache_bytes(settings, loaded.paged_model, max_context),
                         prefill_chunk=settings.prefill_chunk, max_step_tokens=settings.max_step_tokens,

@@ -117,7 +117,7 @@ class Settings:
     prefill_chunk: int = _setting("INFERENCE_PREFILL_CHUNK", _int(1), 2048,
                                   "prompt tokens of one sequence per step (longer prompts are chunked); a step's "
                                   "prompt budget when no sequence is decoding")
-    max_step_tokens: int = _setting("INFERENCE_MAX_STEP_TOKENS", _int(2), 512,
+    max_step_tokens: int = _setting("INFERENCE_MAX_STEP_TOKENS", _int(2), 128,
                                     "tokens per step while sequences decode: one for each of them, prompt chunks in "
                                     "the rest (must exceed INFERENCE_MAX_BATCH)")
     attention: str = _setting("INFERENCE_ATTENTION", _choice("auto", "paged", "reference"), "auto",

@@ -56,7 +56,7 @@ class EngineConfig:
     kv_cache_bytes: int = 1 << 30  # KV pool size, unless num_blocks is given; 0 = what CUDA has free (measured)
     num_blocks: int = 0
     prefill_chunk: int = 2048  # prompt tokens of one sequence per step; a step's budget when nothing decodes
-    max_step_tokens: int = 512  # tokens per step while sequences decode: theirs, then prompt chunks
+    max_step_tokens: int = 128  # tokens per step while sequences decode: theirs, then prompt chunks
     mixed_steps: bool = True  # prompt chunks ride along with decodes (False: prefill and decode steps alternate)
     attention: str = "auto"  # paged (Triton kernels), reference (gather + SDPA), auto: paged where it runs
     max_queue: int = 256  # requests waiting for a slot before submit() refuses more

@@ -422,7 +422,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--itl-prompts", type=int, default=4)
     p.add_argument("--itl-prompt-len", type=int, default=8192)
     p.add_argument("--itl-context", type=int, default=1024, help="context of the running streams")
-    p.add_argument("--max-step-tokens", type=int, default=512)
+    p.add_argument("--max-step-tokens", type=int, default=128, help="the engine's step budget while sequences decode")
+    p.add_argument("--itl-step-tokens", default=None, help="comma-separated budgets of the mixed-steps latency "
+                   "runs (default 128,512)")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--ws-client", help=argparse.SUPPRESS)  # internal: run the WebSocket clients against this URL
     p.add_argument("--texts", help=argparse.SUPPRESS)
@@ -433,6 +435,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.sweep_batches = [int(s) for s in (args.sweep_batches or "1,8,32").split(",")]
     args.sweep_contexts = [int(s) for s in (args.sweep_contexts or "1024,8192,32768").split(",")]
     args.attention_modes = args.attention_modes.split(",") if args.attention_modes else None
+    args.itl_step_tokens = [int(s) for s in (args.itl_step_tokens or "128,512").split(",")]
     return args
 
 

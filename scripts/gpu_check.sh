@@ -93,7 +93,7 @@ if step sweep; then
     args="--size 14b ${SWEEP_ARGS:-}"
   else
     args="--size tiny --threads 1 --attention-modes paged,reference --sweep-batches 1,2 --sweep-contexts 200,700 \
---sweep-steps 2 --itl-streams 2 --itl-prompts 1 --itl-prompt-len 300 --itl-context 100 --max-step-tokens 64 \
+--sweep-steps 2 --itl-streams 2 --itl-prompts 1 --itl-prompt-len 300 --itl-context 100 --max-step-tokens 64 --itl-step-tokens 16,64 \
 ${SWEEP_ARGS:-}"
   fi
   timeout "${BUDGET[sweep]}" $PY scripts/bench.py --random-weights --context-sweep --out "$OUT/sweep.json" $args \

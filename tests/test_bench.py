@@ -67,16 +67,18 @@ def test_context_sweep_reports_decode_points_and_inter_token_latency():
     out = load_bench().main(["--size", "tiny", "--context-sweep", "--threads", "1", "--sweep-batches", "1,4",
                              "--sweep-contexts", "100,1000", "--sweep-steps", "3", "--itl-streams", "3",
                              "--itl-prompts", "2", "--itl-prompt-len", "200", "--itl-context", "50",
-                             "--max-step-tokens", "40", "--prefill-chunk", "128"])
+                             "--max-step-tokens", "40", "--itl-step-tokens", "20,40", "--prefill-chunk", "128"])
     assert out["errors"] == {}
     sweep = out["context_sweep"]
     ref = sweep["decode"]["reference"]
     assert [(p["batch"], p["context"]) for p in ref["points"]] == [(1, 100), (1, 1000), (4, 100), (4, 1000)]
     for p in ref["points"]:
         assert p["tok_s"] > 0 and 0 < p["host_ms_per_step"] < p["ms_per_step"] and p["attention_vs_weights"] > 0
-    mixed, alternating = sweep["itl"]["mixed"], sweep["itl"]["alternating"]
+    assert set(sweep["itl"]) == {"mixed_20", "mixed_40", "alternating"}
+    mixed, alternating = sweep["itl"]["mixed_20"], sweep["itl"]["alternating"]
     assert mixed["steps_by_kind"].get("mixed", 0) > 0 and "prefill" not in mixed["steps_by_kind"]
+    assert mixed["steps"] > sweep["itl"]["mixed_40"]["steps"]  # a smaller budget: more, shorter steps
     assert alternating["steps_by_kind"]["prefill"] > 0 and "mixed" not in alternating["steps_by_kind"]
     for run in (mixed, alternating):
         assert run["itl_p99_ms"] >= run["itl_p50_ms"] > 0 and len(run["ttft_ms"]) == 2
-    assert "itl_p99_over_p50_mixed" in sweep["targets"]
+    assert "itl_p99_over_p50_mixed_20" in sweep["targets"]

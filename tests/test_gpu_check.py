@@ -54,4 +54,4 @@ def test_engine_ii_dry_run_on_the_cpu_reports_json(tmp_path):
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert sweep["errors"] == {}
     assert set(sweep["context_sweep"]["decode"]) == {"paged", "reference"}
-    assert set(sweep["context_sweep"]["itl"]) == {"mixed", "alternating"}
+    assert set(sweep["context_sweep"]["itl"]) == {"mixed_16", "mixed_64", "alternating"}
