@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from engine.attention import resolve_backend
+from engine.attention import resolve_backend, self_check
 from engine.block_manager import BlockManager
 from engine.memory import auto_kv_cache_bytes
 from engine.model_runner import ModelRunner, PagedModel
@@ -113,7 +113,7 @@ class Engine:
         self.dead_reason: str | None = None
         self.steps = 0
         self.on_step: Callable[[str, int, float], None] | None = None  # (kind, batch size, seconds), engine thread
-        self.stats_ = StepStats()
+        self.step_stats = StepStats()
         log.info("engine: %d KV blocks x %d tokens (%.2f GiB), max context %d, max batch %d, %s attention, %s steps",
                  num_blocks, bs, num_blocks * bs * model.kv_bytes_per_token() / 2**30, self.max_context,
                  config.max_running, self.attention, "mixed" if config.mixed_steps else "alternating")
@@ -123,7 +123,7 @@ class Engine:
         """Compile the attention kernels and capture the decode graphs (CUDA, paged attention: all of them, now,
         before anything is served), then start the engine thread."""
         if self.attention == "paged" and self.model.device.type == "cuda":
-            self.runner.warm_up()
+            self._check_paged_attention()
         if self.runner.graphs is not None:
             self.runner.graphs.capture_all()
         # The engine thread needs the GIL back quickly between forward passes while the event loop streams
@@ -133,6 +133,24 @@ class Engine:
             sys.setswitchinterval(0.001)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
+
+    def _check_paged_attention(self) -> None:
+        """Self-check the kernels on this GPU, then compile what serving needs; fall back to the reference path
+        (with a log line saying why) rather than serve from kernels that fail or disagree."""
+        shape = getattr(self.model, "attention_shape", None)
+        why = self_check(*shape(), self.blocks.block_size, self.model.device) if shape is not None else None
+        if why is None:
+            try:
+                self.runner.warm_up()
+            except Exception as exc:
+                why = f"{type(exc).__name__}: {exc}"
+        if why is not None:
+            log.warning("paged attention not used (%s): falling back to the reference path", why)
+            self.attention = self.runner.attention = "reference"
+            if self.runner.graphs is not None:
+                self.runner.graphs.by_context = True
+        else:
+            log.info("paged attention: self-check passed, kernels compiled")
 
     def stop(self, timeout: float = 30.0) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -266,7 +284,7 @@ class Engine:
                 self._finish(req, FinishReason.ERROR, error=f"generation failed: {exc!r}")
 
     def _account(self, step: Step, started: float, scheduled: float, computed: float, done: float) -> None:
-        stats = self.stats_
+        stats = self.step_stats
         stats.steps += 1
         stats.seconds += done - started
         stats.host_seconds += (scheduled - started) + self.runner.last_prepare_seconds + (done - computed)

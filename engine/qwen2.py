@@ -66,6 +66,10 @@ class PagedQwen2:
     def kv_bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
 
+    def attention_shape(self) -> tuple[int, int, int, torch.dtype]:
+        """(query heads, KV heads, head dim, dtype) of the attention layers: what the kernels' self-check runs."""
+        return self.config.num_attention_heads, self.num_kv_heads, self.head_dim, self.dtype
+
     def allocate_kv_cache(self, num_slots: int) -> None:
         shape = (self.num_layers, num_slots, self.num_kv_heads, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)

@@ -113,7 +113,7 @@ def decode_point(engine: Engine, batch: int, context: int, steps: int, compiles:
     reqs = inject(engine, batch, context, warm + steps, engine.model.vocab_size, seed=batch * 100_003 + context)
     for _ in range(warm):
         engine.step()
-    before, stats = compiles(engine), engine.stats_
+    before, stats = compiles(engine), engine.step_stats
     steps0, host0 = stats.steps, stats.host_seconds
     started = time.perf_counter()
     while engine.scheduler.running:
@@ -170,7 +170,7 @@ def itl_window(engine: Engine, mixed: bool, budget: int, args: Any, compiles: Ca
     streams = inject(engine, n, ctx, itl_steps(args, budget), engine.model.vocab_size, seed=5)
     for _ in range(4):
         engine.step()
-    before, steps0, kinds0 = compiles(engine), engine.stats_.steps, dict(engine.stats_.by_kind)
+    before, steps0, kinds0 = compiles(engine), engine.step_stats.steps, dict(engine.step_stats.by_kind)
     g = torch.Generator().manual_seed(6)
     prompts = []
     t0 = time.perf_counter()
@@ -192,7 +192,7 @@ def itl_window(engine: Engine, mixed: bool, budget: int, args: Any, compiles: Ca
     for _, sink in streams:
         times = [t for t in sink.times if t <= end]
         gaps += [b - a for a, b in zip(times, times[1:]) if b > t0]
-    kinds = {kind: c - kinds0.get(kind, 0) for kind, c in engine.stats_.by_kind.items() if c > kinds0.get(kind, 0)}
+    kinds = {kind: c - kinds0.get(kind, 0) for kind, c in engine.step_stats.by_kind.items() if c > kinds0.get(kind, 0)}
     while engine.scheduler.running:  # the prompts' last tokens, then cancel the streams: a clean pool for the next
         for req, _ in streams:
             if engine.scheduler.find(req.request_id) is not None:
@@ -203,7 +203,7 @@ def itl_window(engine: Engine, mixed: bool, budget: int, args: Any, compiles: Ca
             "attention": engine.attention, "streams": n, "prompts": k, "prompt_tokens": plen, "stream_context": ctx,
             "itl_p50_ms": round(p50 * 1000, 2), "itl_p99_ms": round(p99 * 1000, 2),
             "itl_max_ms": round(max(gaps) * 1000, 2), "p99_over_p50": round(p99 / p50, 2),
-            "ttft_ms": [round((p.times[0] - t0) * 1000, 1) for p in prompts], "steps": engine.stats_.steps - steps0,
+            "ttft_ms": [round((p.times[0] - t0) * 1000, 1) for p in prompts], "steps": engine.step_stats.steps - steps0,
             "steps_by_kind": kinds}
 
 

@@ -206,3 +206,36 @@ def test_attention_kernels_compile_for_sm90_without_spills():
     assert len(usage) == 4 * len(models)
     for kernel, res in usage.items():
         assert res["STACK"] == 0 and res["REG"] <= 255, (kernel, res)
+
+
+# ---- the start-up self-check ----------------------------------------------------------------------------------------
+@needs_kernels
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 16), (7, 1, 32)])
+def test_self_check_passes_on_working_kernels_and_names_a_mismatch(heads, kv_heads, head_dim, monkeypatch):
+    from engine import attention
+
+    assert attention.self_check(heads, kv_heads, head_dim, 16, torch.float32, DEVICE) is None
+    real = attention.paged_attention
+    monkeypatch.setattr(attention, "paged_attention", lambda *a, **k: real(*a, **k) * 1.01)
+    assert "self-check mismatch" in attention.self_check(heads, kv_heads, head_dim, 16, torch.float32, DEVICE)
+    monkeypatch.setattr(attention, "paged_attention", lambda *a, **k: 1 / 0)
+    assert "ZeroDivisionError" in attention.self_check(heads, kv_heads, head_dim, 16, torch.float32, DEVICE)
+
+
+@needs_kernels
+def test_engine_falls_back_to_the_reference_path_when_the_self_check_fails(tiny_hf_model, monkeypatch, caplog):
+    from engine import Engine, EngineConfig, core
+    from engine.qwen2 import PagedQwen2
+
+    caplog.set_level("INFO", logger="engine.core")
+    config = EngineConfig(max_running=4, max_context=128, block_size=16, num_blocks=40, attention="paged",
+                          static_decode=True)
+    engine = Engine(PagedQwen2(tiny_hf_model), config)
+    monkeypatch.setattr(core, "self_check", lambda *a: "self-check mismatch: max error 9")
+    engine._check_paged_attention()
+    assert engine.attention == engine.runner.attention == "reference" and engine.runner.graphs.by_context
+    assert "falling back to the reference path" in caplog.text and "max error 9" in caplog.text
+    ok = Engine(PagedQwen2(tiny_hf_model), config)
+    monkeypatch.setattr(core, "self_check", lambda *a: None)
+    ok._check_paged_attention()  # the real warm-up (interpreted) runs after a passing check
+    assert ok.attention == "paged" and "self-check passed" in caplog.text

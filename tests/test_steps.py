@@ -150,7 +150,7 @@ def test_the_device_block_table_follows_every_row_incrementally(make_engine, ref
         c.wait()
         assert c.tokens == reference(p, 20)
     assert len(checked) > 20
-    assert len(sends) == engine.stats_.steps  # one copy of the step's inputs per step
+    assert len(sends) == engine.step_stats.steps  # one copy of the step's inputs per step
 
 
 @pytest.mark.slow
