@@ -82,7 +82,7 @@ if step attention; then
   if [ $GPU -eq 1 ]; then
     sel=(tests/test_attention.py tests/test_gpu.py -k "attention or graph or paged")
   else  # interpreted: the sm_90 compile and one case of each kernel
-    sel=(tests/test_attention.py -k "compile or (1x3000 and gqa5 and splits16) or (long-prefixes and gqa7)")
+    sel=(tests/test_attention.py -k "compile or (1x3000 and gqa5 and splits16)")
   fi
   timeout "${BUDGET[attention]}" $PY -m pytest -q -p no:cacheprovider -rA "${sel[@]}" \
     --junitxml="$OUT/attention.xml" > "$OUT/attention.log" 2>&1
@@ -92,9 +92,9 @@ if step sweep; then
   if [ $GPU -eq 1 ]; then
     args="--size 14b ${SWEEP_ARGS:-}"
   else
-    args="--size tiny --threads 1 --attention-modes paged,reference --sweep-batches 1,2 --sweep-contexts 200,700 \
---sweep-steps 2 --itl-streams 2 --itl-prompts 1 --itl-prompt-len 300 --itl-context 100 --max-step-tokens 64 --itl-step-tokens 16,64 \
-${SWEEP_ARGS:-}"
+    args="--size tiny --threads 1 --attention-modes paged,reference --sweep-batches 1,2 --sweep-contexts 100,300 \
+--sweep-steps 2 --itl-streams 2 --itl-prompts 1 --itl-prompt-len 120 --itl-context 50 --max-step-tokens 64 \
+--itl-step-tokens 16,64 ${SWEEP_ARGS:-}"
   fi
   timeout "${BUDGET[sweep]}" $PY scripts/bench.py --random-weights --context-sweep --out "$OUT/sweep.json" $args \
     > /dev/null 2> "$OUT/sweep.log"
