@@ -8,14 +8,11 @@ continuing whatever is already cached. ``reference`` is the simple, obviously-co
 """
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "paged", "reference")
 LOG2E = 1.4426950408889634

@@ -161,17 +161,18 @@ def sweep_mode(paged, attention: str, args: Any, compiles: Callable[[Engine], in
     return out
 
 
-def itl_window(engine: Engine, mixed: bool, budget: int, args: Any, compiles: Callable[[Engine], int]
-               ) -> dict[str, Any]:
+def itl_window(engine: Engine, mixed: bool, budget: int, args: Any, compiles: Callable[[Engine], int],
+               seed: int) -> dict[str, Any]:
     """Inter-token latency of ``itl_streams`` decoding streams while ``itl_prompts`` prompts arrive at once, from
-    the prompts' arrival until each has its first token (and two steps more)."""
+    the prompts' arrival until each has its first token (and two steps more). ``seed`` makes each window's
+    tokens new, so nothing comes from the prefix cache."""
     n, k, plen, ctx = args.itl_streams, args.itl_prompts, args.itl_prompt_len, args.itl_context
     engine.scheduler.mixed, engine.scheduler.max_step_tokens = mixed, budget
-    streams = inject(engine, n, ctx, itl_steps(args, budget), engine.model.vocab_size, seed=5)
+    streams = inject(engine, n, ctx, itl_steps(args, budget), engine.model.vocab_size, seed=seed)
     for _ in range(4):
         engine.step()
     before, steps0, kinds0 = compiles(engine), engine.step_stats.steps, dict(engine.step_stats.by_kind)
-    g = torch.Generator().manual_seed(6)
+    g = torch.Generator().manual_seed(seed + 1)
     prompts = []
     t0 = time.perf_counter()
     for _ in range(k):
@@ -224,11 +225,13 @@ def itl(paged, attention: str, args: Any, compiles: Callable[[Engine], int], sec
                             kv_tokens, args_max)
     out: dict[str, Any] = {}
     try:
-        for mixed, budget in [(True, b) for b in args.itl_step_tokens] + [(False, args.max_step_tokens)]:
+        runs = [(True, b) for b in args.itl_step_tokens] + [(False, args.max_step_tokens)]
+        for i, (mixed, budget) in enumerate(runs):
             name = f"mixed_{budget}" if mixed else "alternating"
             log(f"inter-token latency: {n} streams while {k} x {args.itl_prompt_len}-token prompts arrive, {name}, "
                 f"{engine.attention} attention")
-            result = section(f"itl[{name}]", lambda m=mixed, b=budget: itl_window(engine, m, b, args, compiles))
+            result = section(f"itl[{name}]",
+                             lambda m=mixed, b=budget, i=i: itl_window(engine, m, b, args, compiles, seed=10 * i + 5))
             if result is not None:
                 out[name] = result
     finally:

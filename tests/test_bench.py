@@ -81,4 +81,7 @@ def test_context_sweep_reports_decode_points_and_inter_token_latency():
     assert alternating["steps_by_kind"]["prefill"] > 0 and "mixed" not in alternating["steps_by_kind"]
     for run in (mixed, alternating):
         assert run["itl_p99_ms"] >= run["itl_p50_ms"] > 0 and len(run["ttft_ms"]) == 2
+    # each window's prompts are new (none served from the prefix cache of an earlier window): 400 prompt tokens
+    # take at least 400 / 128 prefill steps alternating, 400 / (40 - 3) mixed at budget 40
+    assert alternating["steps_by_kind"]["prefill"] >= 4 and sweep["itl"]["mixed_40"]["steps"] >= 11
     assert "itl_p99_over_p50_mixed_20" in sweep["targets"]
