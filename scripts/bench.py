@@ -83,7 +83,8 @@ def quantize_nf4(model: torch.nn.Module, compute_dtype: torch.dtype, device: str
     return count
 
 
-def build_random(size: str, device: str, nf4: bool, interpreted: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
+def build_random(size: str, device: str, nf4: bool,
+                 interpreted: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
@@ -177,9 +178,7 @@ class Stream:
 
 def compile_events(engine: Engine) -> int:
     """Triton compiles and CUDA-graph captures so far: a timed run that adds to them timed a compile too."""
-    from engine import nf4
-
-    from engine import attention
+    from engine import attention, nf4
 
     graphs = engine.runner.graphs
     return nf4.compile_count() + attention.compile_count() + len(getattr(graphs, "graphs", None) or {})
@@ -488,7 +487,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return None
 
     if args.context_sweep:
-        return finish(args, out, section("context_sweep", lambda: sweep(paged, hf_model, args, out, section)))
+        section("context_sweep", lambda: sweep(paged, hf_model, args, out, section))
+        return finish(args, out)
     seed = None
     if args.baseline_requests:
         log(f"seed design: model.generate, {args.baseline_requests} requests, serially")
@@ -532,7 +532,8 @@ def sweep(paged: PagedQwen2, hf_model: torch.nn.Module, args: argparse.Namespace
     out["context_sweep"] = module.context_sweep(paged, hf_model, args, lambda e: compile_events(e), section, log)
 
 
-def finish(args: argparse.Namespace, out: dict[str, Any], _: Any = None) -> dict[str, Any]:
+def finish(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
+    """Print the JSON (and write it to --out)."""
     if torch.cuda.is_available():
         out["gpu_memory_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     text = json.dumps(out, indent=1)

@@ -125,7 +125,8 @@ def decode_point(engine: Engine, batch: int, context: int, steps: int, compiles:
     if not all(sink.finished and len(sink.times) == warm + steps for _, sink in reqs):
         raise RuntimeError("a request ended early")
     kv = engine.model.kv_bytes_per_token()
-    padded = bucket(engine.blocks.blocks_for(context + warm + steps), engine.runner.table_width) * engine.blocks.block_size
+    bs = engine.blocks.block_size
+    padded = bucket(engine.blocks.blocks_for(context + warm + steps), engine.runner.table_width) * bs
     attn = batch * (context + warm + steps // 2) * kv
     gathered = 3 * batch * padded * kv  # read the pool, write a contiguous copy, read it again
     moved = attn if engine.attention == "paged" else gathered

@@ -98,7 +98,7 @@ def test_decode_splits_chosen_from_the_batch_and_the_gpu():
     check([2500, 40], [1, 1], kv_heads=2, group=5, splits=0)  # 0: the launcher picks
 
 
-# ---- prefill: chunks continuing cached prefixes, packed with decodes --------------------------------------------------
+# ---- prefill: chunks continuing cached prefixes, packed with decodes ------------------------------------------------
 PREFILL_CASES = {
     # (contexts after the step, query tokens): prefixes 0, 1, 15, 16, 17, 63, 64, 100, 1000, 2000 tokens
     "fresh-prompts": ([40, 17, 64], [40, 17, 64]),

@@ -146,7 +146,8 @@ def test_seeded_rows_reproduce_whatever_else_is_in_the_batch() -> None:
 
 
 @pytest.mark.parametrize("neighbour", [SamplingParams(temperature=1.0, top_k=50), SamplingParams(temperature=1.0),
-                                       SamplingParams(temperature=0.7, top_k=50, seed=1234)], ids=["k50", "k0", "same-seed"])
+                                       SamplingParams(temperature=0.7, top_k=50, seed=1234)],
+                         ids=["k50", "k0", "same-seed"])
 def test_seeded_top_k_row_is_independent_of_the_batch_top_k(neighbour: SamplingParams) -> None:
     """Issue 10 item 15: seed 1234 with top_k 20 gives the same tokens alone and beside a top_k=50 or top_k=0 row
     (the batch then samples over 50, or the whole vocabulary, instead of 20)."""
@@ -262,7 +263,8 @@ def test_noise_hash_is_a_bijection_and_exponential() -> None:
     e = noise(torch.tensor([7]), torch.tensor([0]), torch.tensor([3]), torch.arange(200_000).view(1, -1))
     assert abs(float(e.mean()) - 1.0) < 0.01 and abs(float(e.var()) - 1.0) < 0.02
     # a pure function: the same inputs give the same noise, another step or seed other noise
-    assert torch.equal(e, noise(torch.tensor([7]), torch.tensor([0]), torch.tensor([3]), torch.arange(200_000).view(1, -1)))
+    tokens = torch.arange(200_000).view(1, -1)
+    assert torch.equal(e, noise(torch.tensor([7]), torch.tensor([0]), torch.tensor([3]), tokens))
     other = noise(torch.tensor([7]), torch.tensor([0]), torch.tensor([4]), torch.arange(200_000).view(1, -1))
     assert abs(float(torch.corrcoef(torch.stack([e[0], other[0]]))[0, 1])) < 0.01
 
