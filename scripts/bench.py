@@ -529,7 +529,12 @@ def sweep(paged: PagedQwen2, hf_model: torch.nn.Module, args: argparse.Namespace
     if torch.cuda.is_available() or args.nf4_on_cpu:
         args.nf4_kernel = "triton"
         nf4_kernels(paged, args, True, out)
-    out["context_sweep"] = module.context_sweep(paged, hf_model, args, lambda e: compile_events(e), section, log)
+    def save(partial: dict[str, Any]) -> None:  # a step stopped at its time limit still leaves what finished
+        out["context_sweep"] = partial
+        if args.out:
+            Path(args.out).write_text(json.dumps(out, indent=1))
+
+    module.context_sweep(paged, hf_model, args, lambda e: compile_events(e), section, log, save)
 
 
 def finish(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:

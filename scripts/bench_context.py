@@ -216,15 +216,14 @@ def itl_steps(args: Any, budget: int) -> int:
 
 
 def itl(paged, attention: str, args: Any, compiles: Callable[[Engine], int], section: Callable[[str, Any], Any],
-        log: Callable[[str], None]) -> dict[str, Any]:
-    """Mixed steps at each budget of ``itl_step_tokens``, then alternating steps, on one engine."""
+        log: Callable[[str], None], out: dict[str, Any], save: Callable[[], None]) -> None:
+    """Mixed steps at each budget of ``itl_step_tokens``, then alternating steps, on one engine (into ``out``)."""
     n, k = args.itl_streams, args.itl_prompts
     window = max(itl_steps(args, b) for b in args.itl_step_tokens)
     kv_tokens = n * (args.itl_context + window + 128) + k * (args.itl_prompt_len + 128)
     args_max = type(args)(**{**vars(args), "max_step_tokens": max(args.itl_step_tokens)})
     engine, _ = make_engine(paged, attention, n + k, max(args.itl_context + window, args.itl_prompt_len) + 128,
                             kv_tokens, args_max)
-    out: dict[str, Any] = {}
     try:
         runs = [(True, b) for b in args.itl_step_tokens] + [(False, args.max_step_tokens)]
         for i, (mixed, budget) in enumerate(runs):
@@ -235,9 +234,9 @@ def itl(paged, attention: str, args: Any, compiles: Callable[[Engine], int], sec
                              lambda m=mixed, b=budget, i=i: itl_window(engine, m, b, args, compiles, seed=10 * i + 5))
             if result is not None:
                 out[name] = result
+            save()
     finally:
         release(engine)
-    return out
 
 
 def modes(paged, args: Any) -> list[str]:
@@ -267,7 +266,9 @@ def targets(sweep: dict[str, Any], itl_runs: dict[str, Any]) -> dict[str, Any]:
 
 
 def context_sweep(paged, hf_model: torch.nn.Module, args: Any, compiles: Callable[[Engine], int],
-                  section: Callable[[str, Any], Any], log: Callable[[str], None]) -> dict[str, Any]:
+                  section: Callable[[str, Any], Any], log: Callable[[str], None],
+                  save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Every figure of the sweep; ``save`` gets the figures so far after each part."""
     weights = weight_bytes_per_step(hf_model)
     out: dict[str, Any] = {"weights_gb_per_step": round(weights / GB, 3), "kv_bytes_per_token":
                            paged.kv_bytes_per_token(), "max_step_tokens": args.max_step_tokens, "decode": {},
@@ -277,12 +278,14 @@ def context_sweep(paged, hf_model: torch.nn.Module, args: Any, compiles: Callabl
         result = section(f"sweep[{attention}]", lambda a=attention: sweep_mode(paged, a, args, compiles, weights))
         if result is not None:
             out["decode"][attention] = result
+        save(out)
     ref = {(p["batch"], p["context"]): p for p in out["decode"].get("reference", {}).get("points", [])
            if "tok_s" in p}
     out["paged_vs_reference"] = {f"{p['batch']}x{p['context']}": round(p["tok_s"] / ref[(p["batch"], p["context"])]
                                                                        ["tok_s"], 2)
                                  for p in out["decode"].get("paged", {}).get("points", [])
                                  if "tok_s" in p and (p["batch"], p["context"]) in ref}
-    out["itl"] = itl(paged, modes(paged, args)[0], args, compiles, section, log)
+    itl(paged, modes(paged, args)[0], args, compiles, section, log, out["itl"], lambda: save(out))
     out["targets"] = targets(out["decode"], out["itl"])
+    save(out)
     return out
