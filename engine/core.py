@@ -87,6 +87,8 @@ class Engine:
         self.config = config
         bs = config.block_size
         self.attention = resolve_backend(config.attention, model.device)
+        if self.attention == "paged" and model.device.type == "cuda":
+            self._verify_paged_attention()
         step_tokens = max(config.max_step_tokens, config.prefill_chunk)
         self.sampler = Sampler(model.vocab_size, config.max_running, model.device)
         kv_bytes = config.kv_cache_bytes
@@ -123,7 +125,7 @@ class Engine:
         """Compile the attention kernels and capture the decode graphs (CUDA, paged attention: all of them, now,
         before anything is served), then start the engine thread."""
         if self.attention == "paged" and self.model.device.type == "cuda":
-            self._check_paged_attention()
+            self._warm_up()
         if self.runner.graphs is not None:
             self.runner.graphs.capture_all()
         # The engine thread needs the GIL back quickly between forward passes while the event loop streams
@@ -134,23 +136,32 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
-    def _check_paged_attention(self) -> None:
-        """Self-check the kernels on this GPU, then compile what serving needs; fall back to the reference path
-        (with a log line saying why) rather than serve from kernels that fail or disagree."""
+    def _verify_paged_attention(self) -> None:
+        """Self-check the kernels on this GPU against the reference, on the model's shapes (before anything else runs
+        them: the KV sizing's profile does); fall back to the reference path, with a log line saying why, rather
+        than serve from kernels that fail or disagree."""
         shape = getattr(self.model, "attention_shape", None)
-        why = self_check(*shape(), self.blocks.block_size, self.model.device) if shape is not None else None
+        why = self_check(*shape(), self.config.block_size, self.model.device) if shape is not None else None
         if why is None:
-            try:
-                self.runner.warm_up()
-            except Exception as exc:
-                why = f"{type(exc).__name__}: {exc}"
-        if why is not None:
-            log.warning("paged attention not used (%s): falling back to the reference path", why)
-            self.attention = self.runner.attention = "reference"
-            if self.runner.graphs is not None:
-                self.runner.graphs.by_context = True
+            log.info("paged attention: self-check passed")
         else:
-            log.info("paged attention: self-check passed, kernels compiled")
+            self._fall_back_to_reference(why)
+
+    def _warm_up(self) -> None:
+        """Compile the kernels of the step shapes graph capture does not run (so no request waits for a compile)."""
+        try:
+            self.runner.warm_up()
+        except Exception as exc:
+            self._fall_back_to_reference(f"warm-up failed: {type(exc).__name__}: {exc}")
+
+    def _fall_back_to_reference(self, why: str) -> None:
+        log.warning("paged attention not used (%s): falling back to the reference path", why)
+        self.attention = "reference"
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.attention = "reference"
+            if runner.graphs is not None:
+                runner.graphs.by_context = True
 
     def stop(self, timeout: float = 30.0) -> None:
         if self._thread is not None and self._thread.is_alive():

@@ -223,7 +223,10 @@ def test_self_check_passes_on_working_kernels_and_names_a_mismatch(heads, kv_hea
 
 
 @needs_kernels
-def test_engine_falls_back_to_the_reference_path_when_the_self_check_fails(tiny_hf_model, monkeypatch, caplog):
+def test_engine_falls_back_to_the_reference_path_when_the_self_check_or_the_warm_up_fails(tiny_hf_model, monkeypatch,
+                                                                                          caplog):
+    """On CUDA the engine self-checks the kernels when it is built and compiles them when it starts; either failing
+    leaves the server on the reference path with a log line, instead of serving from kernels that fail."""
     from engine import Engine, EngineConfig, core
     from engine.qwen2 import PagedQwen2
 
@@ -232,10 +235,19 @@ def test_engine_falls_back_to_the_reference_path_when_the_self_check_fails(tiny_
                           static_decode=True)
     engine = Engine(PagedQwen2(tiny_hf_model), config)
     monkeypatch.setattr(core, "self_check", lambda *a: "self-check mismatch: max error 9")
-    engine._check_paged_attention()
+    engine._verify_paged_attention()
     assert engine.attention == engine.runner.attention == "reference" and engine.runner.graphs.by_context
     assert "falling back to the reference path" in caplog.text and "max error 9" in caplog.text
+
     ok = Engine(PagedQwen2(tiny_hf_model), config)
     monkeypatch.setattr(core, "self_check", lambda *a: None)
-    ok._check_paged_attention()  # the real warm-up (interpreted) runs after a passing check
+    ok._verify_paged_attention()
+    ok._warm_up()  # the real warm-up, interpreted
     assert ok.attention == "paged" and "self-check passed" in caplog.text
+
+    def broken():
+        raise RuntimeError("PTX compile failed")
+
+    monkeypatch.setattr(ok.runner, "warm_up", broken)
+    ok._warm_up()
+    assert ok.attention == ok.runner.attention == "reference" and "PTX compile failed" in caplog.text
