@@ -23,6 +23,7 @@ from starlette.staticfiles import StaticFiles
 
 from auth import ApiKeys, RateLimiter, TicketBook, TicketBookFull
 from engine import AsyncEngine, Engine, EngineConfig
+from engine.attention import resolve_backend
 from http_guard import BodyError, HostGuard, read_json_body, uvicorn_options
 from jsonrpc import Dispatcher, RpcError, validation_details
 from limits import max_token_chars, too_many_tools, tools_problem
@@ -214,9 +215,18 @@ def engine_config(settings: Settings, loaded: LoadedModel) -> EngineConfig:
         log.warning("INFERENCE_MAX_CONTEXT=%d exceeds the model's %d positions: using %d", max_context,
                     loaded.max_position_embeddings, loaded.max_position_embeddings)
         max_context = loaded.max_position_embeddings
+    if settings.max_step_tokens <= settings.max_batch:
+        raise ConfigError(f"INFERENCE_MAX_STEP_TOKENS={settings.max_step_tokens} must exceed INFERENCE_MAX_BATCH="
+                          f"{settings.max_batch}: a step carries a token for every running sequence and room for "
+                          f"prompt tokens")
+    try:
+        resolve_backend(settings.attention, loaded.paged_model.device)
+    except ValueError as exc:
+        raise ConfigError(f"INFERENCE_ATTENTION={settings.attention}: {exc}") from None
     return EngineConfig(max_running=settings.max_batch, max_context=max_context, block_size=settings.kv_block_size,
                         kv_cache_bytes=kv_cache_bytes(settings, loaded.paged_model, max_context),
-                        prefill_chunk=settings.prefill_chunk, max_queue=settings.max_queue,
+                        prefill_chunk=settings.prefill_chunk, max_step_tokens=settings.max_step_tokens,
+                        attention=settings.attention, max_queue=settings.max_queue,
                         cuda_graphs=settings.cuda_graphs == "on")
 
 
@@ -283,7 +293,7 @@ def create_app(settings: Settings | None = None, *,
         setup_logging(settings)
         loaded = await asyncio.to_thread(loader, settings)
         rt = build_runtime(settings, loaded)
-        rt.engine.engine.start()
+        await asyncio.to_thread(rt.engine.engine.start)  # captures the decode graphs (CUDA) before /ready
         app.state.runtime = rt
         app.state.dispatcher = Dispatcher(METHODS, observe=rt.metrics.count, max_batch=settings.rpc_max_batch,
                                           max_values=settings.max_json_values, offload=off_loop)

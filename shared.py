@@ -124,7 +124,14 @@ class Settings:
                                   "KV cache size in GiB (0 = auto: most of the free GPU memory)")
     kv_block_size: int = _setting("INFERENCE_KV_BLOCK_SIZE", _int(1, 4096), 64, "tokens per KV-cache block")
     prefill_chunk: int = _setting("INFERENCE_PREFILL_CHUNK", _int(1), 2048,
-                                  "prompt tokens per prefill step (several prompts can share one)")
+                                  "prompt tokens of one sequence per step (longer prompts are chunked); a step's "
+                                  "prompt budget when no sequence is decoding")
+    max_step_tokens: int = _setting("INFERENCE_MAX_STEP_TOKENS", _int(2), 128,
+                                    "tokens per step while sequences decode: one for each of them, prompt chunks in "
+                                    "the rest (must exceed INFERENCE_MAX_BATCH)")
+    attention: str = _setting("INFERENCE_ATTENTION", _choice("auto", "paged", "reference"), "auto",
+                              "paged (Triton kernels reading the KV pool in place), reference (gather + SDPA); "
+                              "auto = paged on CUDA, reference on the CPU")
     cuda_graphs: str = _setting("INFERENCE_CUDA_GRAPHS", _choice("on", "off"), "on",
                                 "replay decode steps as CUDA graphs (on CUDA)")
     max_queue: int = _setting("INFERENCE_MAX_QUEUE", _int(1), 256, "requests waiting for a batch slot")
@@ -215,6 +222,10 @@ class Settings:
                 kwargs[f.name] = f.metadata["parse"](raw)
             except ValueError as exc:
                 problems.append(f"{f.metadata['env']}={raw!r} is invalid: {exc}")
+        step_tokens = kwargs.get("max_step_tokens", cls.max_step_tokens)
+        if not problems and step_tokens <= kwargs.get("max_batch", cls.max_batch):
+            problems.append(f"INFERENCE_MAX_STEP_TOKENS={step_tokens} must exceed INFERENCE_MAX_BATCH (a step carries "
+                            f"a token for every running sequence and room for prompt tokens)")
         if problems:
             raise ConfigError("; ".join(problems))
         return cls(**kwargs)
@@ -423,17 +434,13 @@ def load_model(settings: Settings) -> LoadedModel:
 
 
 def kv_cache_bytes(settings: Settings, paged_model: Any, max_context: int) -> int:
-    """Bytes for the KV pool: the configured size, else most of the free GPU memory, else enough on a CPU."""
+    """Bytes for the KV pool: the configured size; else, on CUDA, 0 (auto: ``engine.memory`` sizes it from the free
+    memory once the largest step and the decode graphs are measured); else enough on a CPU."""
     if settings.kv_cache_gb > 0:
         return int(settings.kv_cache_gb * 2**30)
     per_token = paged_model.kv_bytes_per_token()
     if str(paged_model.device).startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()  # the allocator still caches what loading and the NF4 self-check freed
-        free, _total = torch.cuda.mem_get_info()
-        headroom = 3 * 2**30  # activations, logits, sampler buffers, CUDA graphs
-        return max(int((free - headroom) * 0.9), max_context * per_token)
+        return 0  # the engine measures its largest step and its decode graphs, then takes most of what is free
     return min(4 * 2**30, max(max_context * per_token, max_context * per_token * min(settings.max_batch, 8)))
 
 
