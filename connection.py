@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from starlette.websockets import WebSocket
@@ -38,7 +38,14 @@ class Connection:
         self.overflowed = asyncio.Event()  # the socket is done for: stalled client, or the sender stopped
         self.stalled = False  # ...because the client stopped reading
         self.closing = False
+        self.on_drained: Callable[[], None] | None = None  # called once when everything queued has been written
         self.sender = asyncio.get_running_loop().create_task(self._send_loop())
+
+    @property
+    def behind(self) -> bool:
+        """Messages wait to be written: the client reads slower than the stream comes (the socket's buffer is
+        full and the sender waits on it), or the sender has not had its turn yet."""
+        return not self.queue.empty()
 
     def send(self, message: dict[str, Any] | list[Any]) -> None:
         if self.overflowed.is_set() or self.closing:
@@ -77,6 +84,9 @@ class Connection:
                 await self.websocket.send_text(text)
             self.backlog = []
             while True:
+                if self.on_drained is not None and self.queue.empty():
+                    drained, self.on_drained = self.on_drained, None
+                    drained()
                 item = await self.queue.get()
                 if isinstance(item, _Close):
                     await self.websocket.close(item.code, item.reason)

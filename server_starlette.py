@@ -181,7 +181,7 @@ async def ready(request: Request) -> JSONResponse:
     rt: Runtime | None = getattr(request.app.state, "runtime", None)
     if rt is None:
         return JSONResponse({"status": "loading"}, status_code=503)
-    engine, store = rt.engine.engine, rt.sessions.store.status()
+    engine, store = rt.engine, rt.sessions.store.status()
     if rt.draining or not engine.alive:
         reason = "shutting down" if rt.draining else engine.dead_reason or "engine not running"
         return JSONResponse({"status": "unavailable", "reason": reason, "session_store": store}, status_code=503)
@@ -195,7 +195,7 @@ async def metrics(request: Request) -> Response:
     rt: Runtime = request.app.state.runtime
     if rt.keys.enabled and isinstance(owner := authenticate(request, rt), Response):
         return owner
-    text = rt.metrics.render(rt.engine.engine.stats(), len(rt.sessions), len(rt.connections),
+    text = rt.metrics.render(rt.engine.stats(), len(rt.sessions), len(rt.connections),
                              len(rt.sessions.active_tasks))
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -293,8 +293,9 @@ def create_app(settings: Settings | None = None, *,
         setup_logging(settings)
         loaded = await asyncio.to_thread(loader, settings)
         rt = build_runtime(settings, loaded)
-        await asyncio.to_thread(rt.engine.engine.start)  # captures the decode graphs (CUDA) before /ready
+        await rt.engine.start()  # captures the decode graphs (CUDA) before /ready
         app.state.runtime = rt
+        app.state.loop = asyncio.get_running_loop()
         app.state.dispatcher = Dispatcher(METHODS, observe=rt.metrics.count, max_batch=settings.rpc_max_batch,
                                           max_values=settings.max_json_values, offload=off_loop)
         expiry = asyncio.create_task(_expire_sessions(rt.sessions))
@@ -305,7 +306,7 @@ def create_app(settings: Settings | None = None, *,
             expiry.cancel()
             await rt.sessions.close_all()
             await rt.sessions.store.close()  # the last writes (each task's end) land before the process exits
-            await asyncio.to_thread(rt.engine.engine.stop)
+            await rt.engine.stop()
             log.info("stopped")
 
     middleware = [Middleware(HostGuard, allowed=settings.allowed_hosts, bind_host=settings.host)]

@@ -157,6 +157,10 @@ class Settings:
     replica_id: str = _setting("INFERENCE_REPLICA_ID", _replica, "",
                                "this replica's name (HAProxy's server name): session ids begin with it, so the "
                                "proxy routes each session back here; empty = plain uuid session ids")
+    stream_coalesce: str = _setting("INFERENCE_STREAM_COALESCE", _choice("on", "off"), "on",
+                                    "while a client reads slower than its stream comes (its socket's messages wait to "
+                                    "be written), join the text of later tokens into one text_chunk; the first chunk "
+                                    "of a model call is never held")
     ws_max_message_bytes: int = _setting("INFERENCE_WS_MAX_MESSAGE_BYTES", _int(1024), 16 * 2**20,
                                          "largest WebSocket message (and HTTP body) accepted")
     ws_send_queue: int = _setting("INFERENCE_WS_SEND_QUEUE", _int(16), 4096,

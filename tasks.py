@@ -73,6 +73,10 @@ class Session:
     lost_task: str | None = None  # a task the store says was running when its process died
     too_large: bool = False  # the last write was refused: larger than the store allows
     saver: Callable[[Session], asyncio.Future[Any] | None] | None = None
+    # text of the running task not sent yet because the socket was behind (sent with the next chunk, when the
+    # socket has caught up, or before any other notification)
+    held: str = ""
+    held_task: str = ""
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
@@ -80,8 +84,31 @@ class Session:
     def emit(self, method: str, params: BaseModel) -> int:
         return self.emit_raw(method, params.model_dump(mode="json"))
 
+    def emit_chunk(self, task_id: str, text: str, coalesce: bool) -> None:
+        """A ``text_chunk``. With ``coalesce``, while the socket is behind (messages already wait to be written)
+        the text is held and joined to the next chunk instead: a slow client gets fewer, longer chunks, and the
+        server encodes and frames fewer messages. Held text goes out as soon as the socket has caught up."""
+        conn = self.connection
+        if coalesce and conn is not None and conn.behind:
+            if not self.held:
+                conn.on_drained = self.flush_held
+            self.held += text
+            self.held_task = task_id
+            return
+        if self.held:
+            text, self.held = self.held + text, ""
+        self.emit_raw("text_chunk", {"session_id": self.session_id, "task_id": task_id, "chunk": text})
+
+    def flush_held(self) -> None:
+        """Send the held text now (its socket caught up, or another notification must follow it)."""
+        if self.held:
+            text, self.held = self.held, ""
+            self.emit_raw("text_chunk", {"session_id": self.session_id, "task_id": self.held_task, "chunk": text})
+
     def emit_raw(self, method: str, params: dict[str, Any]) -> int:
         """Number a notification, keep it for resuming clients, send it to the attached socket; its seq."""
+        if self.held and method != "text_chunk":  # held text comes first, in order
+            self.flush_held()
         self.seq += 1
         params["seq"] = self.seq
         text, size = encode({"jsonrpc": "2.0", "method": method, "params": params})

@@ -1,9 +1,11 @@
 """The engine: the only owner of the model. One worker thread runs schedule -> run -> postprocess.
 
 Callers on any thread ``submit()`` token ids and sampling params and get ``TokenEvent``s through the
-sink they pass (called on the engine thread; it must not block). Everything that reaches the engine
-thread goes through one inbox, so adds, aborts and session releases are applied between steps, in
-order: a cancel takes effect within one step.
+sink they pass. A step's events are handed over together, once, when the step ends (``deliver``: by default
+each sink is called on the engine thread and must not block; the asyncio bridge and the engine process
+replace it with one hand-off per step). Everything that reaches the engine thread goes through one inbox,
+so adds, aborts and session releases are applied between steps, in order: a cancel takes effect within one
+step.
 """
 from __future__ import annotations
 
@@ -81,6 +83,18 @@ class StepStats:
     by_kind: dict[str, int] = field(default_factory=dict)
 
 
+Delivery = Callable[[list[tuple[EventSink, TokenEvent]]], None]
+
+
+def call_sinks(batch: list[tuple[EventSink, TokenEvent]]) -> None:
+    """The default delivery: each event to its request's sink, on the engine thread."""
+    for sink, event in batch:
+        try:
+            sink(event)
+        except Exception:  # a consumer's failure must not take the engine down
+            log.exception("event sink failed for %s", event.request_id)
+
+
 class Engine:
     def __init__(self, model: PagedModel, config: EngineConfig) -> None:
         self.model = model
@@ -115,6 +129,8 @@ class Engine:
         self.dead_reason: str | None = None
         self.steps = 0
         self.on_step: Callable[[str, int, float], None] | None = None  # (kind, batch size, seconds), engine thread
+        self.deliver: Delivery = call_sinks  # a step's events, once per step (engine thread)
+        self._outbox: list[tuple[EventSink, TokenEvent]] = []
         self.step_stats = StepStats()
         log.info("engine: %d KV blocks x %d tokens (%.2f GiB), max context %d, max batch %d, %s attention, %s steps",
                  num_blocks, bs, num_blocks * bs * model.kv_bytes_per_token() / 2**30, self.max_context,
@@ -173,9 +189,10 @@ class Engine:
         return self._thread is not None and self._thread.is_alive() and self.dead_reason is None
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: EventSink,
-               session_key: str | None = None, cache_salt: str = "") -> str:
-        """Queue a request; returns its id. Raises ContextLengthExceeded, EngineOverloaded, EngineStopped.
-        Its prompt shares cached KV blocks only with requests of the same ``cache_salt``."""
+               session_key: str | None = None, cache_salt: str = "", request_id: str | None = None) -> str:
+        """Queue a request; returns its id (``request_id`` if given: the caller's, unique). Raises
+        ContextLengthExceeded, EngineOverloaded, EngineStopped. Its prompt shares cached KV blocks only with
+        requests of the same ``cache_salt``."""
         if not prompt_ids:
             raise ValueError("empty prompt")
         vocab = self.model.vocab_size
@@ -184,6 +201,8 @@ class Engine:
         if len(prompt_ids) >= self.max_context:
             raise ContextLengthExceeded(len(prompt_ids), self.max_context)
         req = Request(list(prompt_ids), params, sink, session_key, cache_salt=cache_salt)
+        if request_id is not None:
+            req.request_id = request_id
         req.max_tokens = min(len(prompt_ids) + params.max_new_tokens, self.max_context)
         with self._lock:
             if not self.alive:
@@ -210,6 +229,7 @@ class Engine:
     def _run(self) -> None:
         try:
             while self._drain(block=not self.scheduler.has_work):
+                self._flush()  # what the inbox finished (aborts)
                 if self.scheduler.has_work:
                     self.step()
             self._fail_all(FinishReason.CANCELLED, None)
@@ -256,6 +276,13 @@ class Engine:
         return admitted
 
     def step(self) -> None:
+        """One step; its events are delivered when it ends (on every path)."""
+        try:
+            self._step()
+        finally:
+            self._flush()
+
+    def _step(self) -> None:
         started = time.perf_counter()
         self.admit()
         step, _preempted = self.scheduler.schedule()
@@ -333,12 +360,17 @@ class Engine:
 
     def _emit(self, req: Request, token_ids: tuple[int, ...], reason: FinishReason | None, error: str | None,
               completion: int) -> None:
-        event = TokenEvent(req.request_id, token_ids, reason, error, req.num_prompt_tokens, req.cached_tokens,
-                           completion)
-        try:
-            req.sink(event)
-        except Exception:  # a consumer's failure must not take the engine down
-            log.exception("event sink failed for %s", req.request_id)
+        self._outbox.append((req.sink, TokenEvent(req.request_id, token_ids, reason, error, req.num_prompt_tokens,
+                                                  req.cached_tokens, completion)))
+
+    def _flush(self) -> None:
+        """Hand the events so far over, in one call (they are in the order they happened)."""
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
+            try:
+                self.deliver(batch)
+            except Exception:  # a consumer's failure must not take the engine down
+                log.exception("event delivery failed (%d events)", len(batch))
 
     def _fail_all(self, reason: FinishReason, error: str | None) -> None:
         with self._lock:
@@ -355,3 +387,4 @@ class Engine:
             req.status = RequestStatus.FINISHED
             self._dequeue(req)
             self._emit(req, (), reason, error, req.num_output_tokens)
+        self._flush()

@@ -1,0 +1,187 @@
+"""The whole server path for ``scripts/bench.py --server``: what streaming costs the server and the engine.
+
+For each stream count (``--server-streams``, default 1,8,32,64), two runs of the same workload on one server:
+
+* ``direct``: the requests go to the engine through the server's own engine client, on its event loop, and their
+  tokens are only counted (no detokenizing, no JSON, no socket): the engine's step time and host time per step with
+  nothing being sent, and the inter-token latency the engine itself gives.
+* ``ws``: one session and WebSocket per stream, from clients in another process (as real clients are): event-loop
+  CPU per streamed token, the engine's host time per step while the streams are sent, and the inter-token latency
+  the clients see.
+
+The engine's host time per step (scheduling, building the inputs, postprocessing, handing the events over) comes
+from the engine's own counters; ``host_ratio`` = streaming / direct is the "streaming costs the engine nothing"
+figure (target <= 1.1). The event loop's CPU is its thread's CPU clock over the run, divided by the tokens sent.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from engine import SamplingParams
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))] if values else float("nan")
+
+
+def ms(x: float) -> float:
+    return round(x * 1000, 3)
+
+
+class ThreadClock:
+    """CPU seconds of one thread of this process (the event loop's), read from any thread."""
+
+    def __init__(self, thread: threading.Thread) -> None:
+        self.clock = time.pthread_getcpuclockid(thread.ident)
+
+    def __call__(self) -> float:
+        return time.clock_gettime(self.clock)
+
+
+def engine_counters(rt: Any) -> dict[str, float]:
+    """The engine's step counters (steps, seconds, host_seconds) and its CPU seconds so far."""
+    return rt.engine.counters()
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before.get(k, 0.0) for k in after}
+
+
+def per_step(d: dict[str, float]) -> dict[str, float]:
+    steps = max(1.0, d["steps"])
+    return {"steps": int(d["steps"]), "step_ms": ms(d["seconds"] / steps), "host_ms_per_step": ms(d["host_seconds"] / steps)}
+
+
+async def _direct(rt: Any, prompts: list[list[int]], new: int) -> list[list[float]]:
+    """The requests straight into the engine client; each token's arrival time on the event loop."""
+    params = SamplingParams(max_new_tokens=new, ignore_eos=True)
+
+    async def one(ids: list[int]) -> list[float]:
+        times: list[float] = []
+        async with rt.engine.generate(ids, params) as stream:
+            async for event in stream:
+                if event.error:
+                    raise RuntimeError(event.error)
+                times.extend([time.perf_counter()] * len(event.token_ids))
+        return times
+    return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+def direct_run(app: Any, loop: asyncio.AbstractEventLoop, prompts: list[list[int]], new: int) -> dict[str, Any]:
+    rt = app.state.runtime
+    before = engine_counters(rt)
+    started = time.perf_counter()
+    times = asyncio.run_coroutine_threadsafe(_direct(rt, prompts, new), loop).result(900)
+    wall = time.perf_counter() - started
+    d = delta(engine_counters(rt), before)
+    gaps = [b - a for t in times for a, b in zip(t, t[1:])]
+    return {**per_step(d), "itl_p50_ms": ms(pct(gaps, 50)), "itl_p99_ms": ms(pct(gaps, 99)),
+            "aggregate_tok_s": round(sum(map(len, times)) / wall, 1)}
+
+
+def ws_run(base: str, texts: list[str], new: int, rt: Any, loop_cpu: Callable[[], float],
+           script: str) -> dict[str, Any]:
+    """The WebSocket clients (another process) against the server; the server's costs over their run."""
+    texts_file = Path(tempfile.mkdtemp()) / "texts.json"
+    texts_file.write_text(json.dumps(texts))
+    command = [sys.executable, script, "--ws-client", f"http://{base}", "--texts", str(texts_file),
+               "--new-tokens", str(new)]
+    before, cpu0, proc0 = engine_counters(rt), loop_cpu(), os.times()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"WebSocket clients failed: {done.stderr[-800:]}")
+    proc1, cpu1 = os.times(), loop_cpu()
+    d = delta(engine_counters(rt), before)
+    results = json.loads(done.stdout)
+    tokens = sum(r["tokens"] for r in results)
+    gaps = [g for r in results for g in r["gaps"]]
+    return {**per_step(d), "tokens": tokens,
+            "event_loop_us_per_token": round((cpu1 - cpu0) / max(1, tokens) * 1e6, 1),
+            "server_process_us_per_token": round((proc1.user + proc1.system - proc0.user - proc0.system)
+                                                 / max(1, tokens) * 1e6, 1),
+            "engine_cpu_us_per_token": round(d.get("cpu_seconds", 0.0) / max(1, tokens) * 1e6, 1),
+            "ttft_p50_ms": ms(pct([r["ttft"] for r in results], 50)),
+            "tpot_p50_ms": ms(pct([r["tpot"] for r in results], 50)),
+            "chunk_gap_p50_ms": ms(pct(gaps, 50)), "chunk_gap_p99_ms": ms(pct(gaps, 99)),
+            "tokens_per_chunk": round(tokens / max(1, sum(r["chunks"] for r in results)), 2)}
+
+
+def measure(app: Any, loop: asyncio.AbstractEventLoop, loop_cpu: Callable[[], float], tok: Any, vocab: int, n: int,
+            new: int, prompt_len: int, random_prompt: Callable[[int, int, int], list[int]], script: str,
+            warm_ws: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """One stream count: a direct run (after a warm-up one), then the WebSocket run; their figures side by side."""
+    rt = app.state.runtime
+
+    def texts(seed: int) -> list[str]:  # new prompts every run: nothing comes from the prefix cache
+        return [tok.decode(random_prompt(prompt_len, vocab, seed + i)) for i in range(n)]
+
+    def ids(seed: int) -> list[list[int]]:
+        return [tok.encode(t) for t in texts(seed)]
+
+    log(f"server: {n} streams: warm-up, direct, then over WebSockets")
+    direct_run(app, loop, ids(80_000 + 1000 * n), new)  # warm-up: graphs of this batch size
+    if warm_ws:
+        ws_run(app.base, texts(81_000 + 1000 * n), new, rt, loop_cpu, script)
+    direct = direct_run(app, loop, ids(82_000 + 1000 * n), new)
+    ws = ws_run(app.base, texts(83_000 + 1000 * n), new, rt, loop_cpu, script)
+    return {"streams": n, "new_tokens": new, "direct": direct, "ws": ws,
+            "event_loop_us_per_token": ws["event_loop_us_per_token"],
+            "engine_host_ms_per_step": {"direct": direct["host_ms_per_step"], "streaming": ws["host_ms_per_step"]},
+            "host_ratio": round(ws["host_ms_per_step"] / max(1e-9, direct["host_ms_per_step"]), 3),
+            "itl_ms": {"engine_step": ws["step_ms"], "engine_direct_p50": direct["itl_p50_ms"],
+                       "e2e_tpot_p50": ws["tpot_p50_ms"], "e2e_chunk_gap_p99": ws["chunk_gap_p99_ms"]},
+            "e2e_vs_engine_itl": round(ws["tpot_p50_ms"] / max(1e-9, direct["itl_p50_ms"]), 3)}
+
+
+def ws_client(base_url: str, texts: list[str], new: int) -> list[dict[str, Any]]:
+    """One session and socket per text, all at once: TTFT, time per output token and the gaps between chunks as
+    a client sees them."""
+    import urllib.request
+
+    from websockets.asyncio.client import connect
+
+    async def one(text: str) -> dict[str, Any]:
+        req = urllib.request.Request(f"{base_url}/create_session", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+        sid = json.load(urllib.request.urlopen(req))["session_id"]
+        async with connect(base_url.replace("http", "ws", 1) + f"/ws/{sid}", max_size=None) as ws:
+            sent = time.perf_counter()
+            await ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "generate", "params": {
+                "history": [{"role": "user", "content": text}], "max_new_tokens": new, "do_sample": False,
+                "ignore_eos": True}}))
+            arrivals: list[float] = []
+            async for raw in ws:
+                msg = json.loads(raw)
+                if msg.get("method") == "text_chunk":
+                    arrivals.append(time.perf_counter())
+                elif msg.get("method") == "end":
+                    count = msg["params"]["usage"]["completion_tokens"]
+                    first, last = (arrivals[0], arrivals[-1]) if arrivals else (sent, sent)
+                    return {"ttft": first - sent, "tpot": (last - first) / max(1, count - 1), "tokens": count,
+                            "chunks": len(arrivals), "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])]}
+        raise RuntimeError("no end notification")
+
+    async def all_streams() -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(one(t) for t in texts)))
+
+    return asyncio.run(all_streams())
+
+
+def summary(points: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets, read off the points."""
+    at32 = points.get("32") or points[max(points, key=int)]
+    worst = max(p["host_ratio"] for p in points.values())
+    return {"event_loop_us_per_token_at_32": at32["event_loop_us_per_token"], "target_event_loop_us": 40,
+            "host_ratio_worst": worst, "target_host_ratio": 1.1,
+            "mean_e2e_vs_engine_itl": round(statistics.mean(p["e2e_vs_engine_itl"] for p in points.values()), 3)}
