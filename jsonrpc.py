@@ -143,18 +143,31 @@ def error_response(request_id: Any, error: RpcError) -> dict[str, Any]:
     return {"jsonrpc": JSONRPC_VERSION, "error": error.to_dict(), "id": request_id}
 
 
-_encoder = msgspec.json.Encoder()
-
-
 def encode(message: dict[str, Any] | list[Any]) -> tuple[str, int]:
-    """A message as JSON text, and its size in bytes (msgspec's encoder: a tenth of ``json.dumps``' time on the
-    per-token notifications). Text that is not Unicode (a lone surrogate that slipped through) is sent
-    \\u-escaped rather than failing the sender: the connection never goes silent."""
+    """A message as JSON text, and its size in bytes. Text that is not Unicode (a lone surrogate that slipped
+    through) is sent \\u-escaped rather than failing the sender: the connection never goes silent."""
+    text = json.dumps(message, ensure_ascii=False)
     try:
-        data = _encoder.encode(message)
-    except (UnicodeEncodeError, TypeError, OverflowError):  # (TypeError/OverflowError: what json.dumps takes)
+        return text, len(text.encode("utf-8"))
+    except UnicodeEncodeError:
         text = json.dumps(message)
         return text, len(text)
+
+
+_json_string = msgspec.json.Encoder().encode
+_CHUNK_HEAD = b'{"jsonrpc": "2.0", "method": "text_chunk", "params": {"session_id": '
+
+
+def encode_text_chunk(session_id: str, task_id: str, chunk: str, seq: int) -> tuple[str, int]:
+    """``encode`` of a ``text_chunk`` notification, the same text byte for byte (json.dumps' separators and
+    escapes), at a fraction of its cost: the strings are escaped by msgspec (C) and the frame around them is
+    constant. This is the message sent once per piece of streamed text."""
+    try:
+        data = b"".join((_CHUNK_HEAD, _json_string(session_id), b', "task_id": ', _json_string(task_id),
+                         b', "chunk": ', _json_string(chunk), b', "seq": ', str(seq).encode(), b"}}"))
+    except UnicodeEncodeError:  # a lone surrogate: json.dumps' escaped form
+        return encode({"jsonrpc": "2.0", "method": "text_chunk",
+                       "params": {"session_id": session_id, "task_id": task_id, "chunk": chunk, "seq": seq}})
     return data.decode("utf-8"), len(data)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from engine import RequestStream, SamplingParams
-from jsonrpc import RpcError, clip, encode
+from jsonrpc import RpcError, clip, encode, encode_text_chunk
 from log_context import task_var
 from models import (EndParams, ErrorCode, ErrorNotificationParams, FunctionCallRequestParams, JsonRpcError,
                     ToolCallRequest, ToolDefinition, ToolResultItem, Usage)
@@ -97,13 +97,17 @@ class Session:
             return
         if self.held:
             text, self.held = self.held + text, ""
-        self.emit_raw("text_chunk", {"session_id": self.session_id, "task_id": task_id, "chunk": text})
+        self._emit_chunk(task_id, text)
 
     def flush_held(self) -> None:
         """Send the held text now (its socket caught up, or another notification must follow it)."""
         if self.held:
             text, self.held = self.held, ""
-            self.emit_raw("text_chunk", {"session_id": self.session_id, "task_id": self.held_task, "chunk": text})
+            self._emit_chunk(self.held_task, text)
+
+    def _emit_chunk(self, task_id: str, text: str) -> None:
+        self.seq += 1
+        self._send(self.seq, *encode_text_chunk(self.session_id, task_id, text, self.seq))
 
     def emit_raw(self, method: str, params: dict[str, Any]) -> int:
         """Number a notification, keep it for resuming clients, send it to the attached socket; its seq."""
@@ -111,11 +115,13 @@ class Session:
             self.flush_held()
         self.seq += 1
         params["seq"] = self.seq
-        text, size = encode({"jsonrpc": "2.0", "method": method, "params": params})
-        self.replay.add(self.seq, text, size)
+        self._send(self.seq, *encode({"jsonrpc": "2.0", "method": method, "params": params}))
+        return self.seq
+
+    def _send(self, seq: int, text: str, size: int) -> None:
+        self.replay.add(seq, text, size)
         if self.emitter is not None:
             self.emitter(text, size)
-        return self.seq
 
     def forget_replay_later(self) -> None:
         """A task ended: its notifications go ``replay_keep_s`` later, unless another task has begun by then."""
