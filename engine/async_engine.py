@@ -125,6 +125,14 @@ class AsyncEngine:
         self.engine.release_session(session_key)
 
     @property
+    def on_step(self) -> Callable[[str, int, float], None] | None:
+        return self.engine.on_step
+
+    @on_step.setter
+    def on_step(self, hook: Callable[[str, int, float], None] | None) -> None:
+        self.engine.on_step = hook
+
+    @property
     def alive(self) -> bool:
         return self.engine.alive
 

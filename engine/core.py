@@ -221,9 +221,13 @@ class Engine:
         self._inbox.put(("release", session_key))
 
     def stats(self) -> dict[str, int]:
-        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "queued": self._queued, "kv_blocks_total": self.blocks.num_usable,
-                "kv_blocks_used": self.blocks.num_in_use, "steps": self.steps}
+        stats = {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                 "queued": self._queued, "kv_blocks_total": self.blocks.num_usable,
+                 "kv_blocks_used": self.blocks.num_in_use, "steps": self.steps}
+        if self.model.device.type == "cuda":  # read here: the front end may be a process that never touches CUDA
+            stats["gpu_allocated_bytes"] = torch.cuda.memory_allocated(self.model.device)
+            stats["gpu_reserved_bytes"] = torch.cuda.memory_reserved(self.model.device)
+        return stats
 
     # ---- engine thread ----------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -280,7 +284,12 @@ class Engine:
         try:
             self._step()
         finally:
-            self._flush()
+            if self._outbox:  # handing the events over is host time of the step too
+                started = time.perf_counter()
+                self._flush()
+                spent = time.perf_counter() - started
+                self.step_stats.host_seconds += spent
+                self.step_stats.seconds += spent
 
     def _step(self) -> None:
         started = time.perf_counter()
