@@ -9,6 +9,7 @@ the engine runs on (``AsyncEngine``: a thread of this process; ``engine.mp_clien
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 
@@ -152,6 +153,10 @@ class AsyncEngine:
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.engine.stop)
+
+    def engine_thread(self) -> tuple[int, int]:
+        """(process id, thread id) of the engine thread (benchmarks read its scheduler figures)."""
+        return os.getpid(), self.engine._thread.native_id
 
     def counters(self) -> dict[str, float]:
         """The engine's step counters and its thread's CPU seconds (benchmarks read these)."""

@@ -46,6 +46,7 @@ class EngineReady:
     max_queue: int
     stats: dict[str, float]
     pid: int
+    engine_tid: int  # the engine thread's id (benchmarks read its scheduler figures)
 
 
 @dataclasses.dataclass
@@ -94,7 +95,7 @@ def main(sock: socket.socket, settings: Any, loader: Callable[[Any], Any]) -> No
     model = dataclasses.replace(loaded, hf_model=None, paged_model=None)
     sock.sendall(pickled_frame(EngineReady(model, engine.max_context, loaded.paged_model.vocab_size,
                                            engine.config.max_running, engine.config.max_queue,
-                                           engine_stats(engine, clock), os.getpid())))
+                                           engine_stats(engine, clock), os.getpid(), engine._thread.native_id)))
     serve(sock, engine, clock)
 
 

@@ -120,6 +120,10 @@ class EngineProcess:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
+    def engine_thread(self) -> tuple[int, int]:
+        """(process id, thread id) of the engine thread (benchmarks read its scheduler figures)."""
+        return self.ready.pid, self.ready.engine_tid
+
     @property
     def alive(self) -> bool:
         return self.dead_reason is None and self.process is not None and self.process.is_alive()

@@ -50,8 +50,34 @@ class ThreadClock:
 
 
 def engine_counters(rt: Any) -> dict[str, float]:
-    """The engine's step counters (steps, seconds, host_seconds) and its CPU seconds so far."""
-    return rt.engine.counters()
+    """The engine's step counters (steps, seconds, host_seconds), its CPU seconds so far, and how long its thread
+    waited for a CPU while runnable (the kernel's schedstat: what other processes on the machine cost it)."""
+    counters = dict(rt.engine.counters())
+    pid, tid = rt.engine.engine_thread()
+    try:
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            counters["runqueue_seconds"] = int(f.read().split()[1]) / 1e9
+    except OSError:
+        pass
+    return counters
+
+
+def pin(rt: Any, server_thread: threading.Thread) -> dict[str, Any]:
+    """Give the engine's threads CPU 1 and everything else of this process (the event loop, the workers) CPU 0,
+    whichever side of a process boundary the engine is on; the clients get CPU 0 too. On a 2-core machine this
+    puts both placements on the same footing: what differs is only whether the engine shares an interpreter lock
+    with the event loop."""
+    pid, tid = rt.engine.engine_thread()
+    engine_tids = set(int(t) for t in os.listdir(f"/proc/{pid}/task")) if pid != os.getpid() else {tid}
+    for t in engine_tids:
+        os.sched_setaffinity(t, {1})
+    for t in os.listdir(f"/proc/{os.getpid()}/task"):
+        if int(t) not in engine_tids:
+            try:
+                os.sched_setaffinity(int(t), {0})
+            except OSError:
+                pass
+    return {"engine_cpus": [1], "front_end_and_clients_cpus": [0]}
 
 
 def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
@@ -60,7 +86,10 @@ def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]
 
 def per_step(d: dict[str, float]) -> dict[str, float]:
     steps = max(1.0, d["steps"])
-    return {"steps": int(d["steps"]), "step_ms": ms(d["seconds"] / steps), "host_ms_per_step": ms(d["host_seconds"] / steps)}
+    out = {"steps": int(d["steps"]), "step_ms": ms(d["seconds"] / steps), "host_ms_per_step": ms(d["host_seconds"] / steps)}
+    if "runqueue_seconds" in d:  # the engine thread runnable but not running: the machine's other load
+        out["engine_runqueue_ms_per_step"] = ms(d["runqueue_seconds"] / steps)
+    return out
 
 
 async def _direct(rt: Any, prompts: list[list[int]], new: int) -> list[list[float]]:
@@ -91,14 +120,15 @@ def direct_run(app: Any, loop: asyncio.AbstractEventLoop, prompts: list[list[int
 
 
 def ws_run(base: str, texts: list[str], new: int, rt: Any, loop_cpu: Callable[[], float],
-           script: str) -> dict[str, Any]:
+           script: str, cpus: set[int] | None = None) -> dict[str, Any]:
     """The WebSocket clients (another process) against the server; the server's costs over their run."""
     texts_file = Path(tempfile.mkdtemp()) / "texts.json"
     texts_file.write_text(json.dumps(texts))
     command = [sys.executable, script, "--ws-client", f"http://{base}", "--texts", str(texts_file),
                "--new-tokens", str(new)]
     before, cpu0, proc0 = engine_counters(rt), loop_cpu(), os.times()
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True,
+                          preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     if done.returncode:
         raise RuntimeError(f"WebSocket clients failed: {done.stderr[-800:]}")
     proc1, cpu1 = os.times(), loop_cpu()
@@ -119,7 +149,7 @@ def ws_run(base: str, texts: list[str], new: int, rt: Any, loop_cpu: Callable[[]
 
 def measure(app: Any, loop: asyncio.AbstractEventLoop, loop_cpu: Callable[[], float], tok: Any, vocab: int, n: int,
             new: int, prompt_len: int, random_prompt: Callable[[int, int, int], list[int]], script: str,
-            warm_ws: bool, log: Callable[[str], None]) -> dict[str, Any]:
+            warm_ws: bool, log: Callable[[str], None], client_cpus: set[int] | None = None) -> dict[str, Any]:
     """One stream count: a direct run (after a warm-up one), then the WebSocket run; their figures side by side."""
     rt = app.state.runtime
 
@@ -132,9 +162,9 @@ def measure(app: Any, loop: asyncio.AbstractEventLoop, loop_cpu: Callable[[], fl
     log(f"server: {n} streams: warm-up, direct, then over WebSockets")
     direct_run(app, loop, ids(80_000 + 1000 * n), new)  # warm-up: graphs of this batch size
     if warm_ws:
-        ws_run(app.base, texts(81_000 + 1000 * n), new, rt, loop_cpu, script)
+        ws_run(app.base, texts(81_000 + 1000 * n), new, rt, loop_cpu, script, client_cpus)
     direct = direct_run(app, loop, ids(82_000 + 1000 * n), new)
-    ws = ws_run(app.base, texts(83_000 + 1000 * n), new, rt, loop_cpu, script)
+    ws = ws_run(app.base, texts(83_000 + 1000 * n), new, rt, loop_cpu, script, client_cpus)
     return {"streams": n, "new_tokens": new, "direct": direct, "ws": ws,
             "event_loop_us_per_token": ws["event_loop_us_per_token"],
             "engine_host_ms_per_step": {"direct": direct["host_ms_per_step"], "streaming": ws["host_ms_per_step"]},
@@ -185,3 +215,31 @@ def summary(points: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"event_loop_us_per_token_at_32": at32["event_loop_us_per_token"], "target_event_loop_us": 40,
             "host_ratio_worst": worst, "target_host_ratio": 1.1,
             "mean_e2e_vs_engine_itl": round(statistics.mean(p["e2e_vs_engine_itl"] for p in points.values()), 3)}
+
+
+def random_model_loader(settings: Any, size: str, tokenizer_dir: str, threads: int, nf4: bool) -> Any:
+    """The benchmark's random-weight model and its trained tokenizer, built where it is called: in the engine
+    process when the server runs the engine in its own (a module-level function, so it can be sent there)."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from engine.qwen2 import PagedQwen2
+    from shared import GenerationDefaults, LoadedModel
+
+    if threads:
+        torch.set_num_threads(threads)
+    spec = importlib.util.spec_from_file_location("bench_script", Path(__file__).with_name("bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cuda = torch.cuda.is_available()
+    hf_model, _ = bench.build_random(size, "cuda" if cuda else "cpu", nf4=nf4)
+    paged = PagedQwen2(hf_model)
+    if nf4:
+        from engine import nf4 as nf4_kernels
+
+        nf4_kernels.install(paged, "auto")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    paged.vocab_size = min(paged.vocab_size, len(tokenizer))
+    return LoadedModel(hf_model, tokenizer, paged, GenerationDefaults(), frozenset(), "bench", 32768)
