@@ -314,7 +314,8 @@ def server_section(hf_model: torch.nn.Module, paged: PagedQwen2, args: argparse.
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tmp)
-        paged.vocab_size = min(paged.vocab_size, len(tokenizer))
+        if paged is not None:
+            paged.vocab_size = min(paged.vocab_size, len(tokenizer))
         here = LoadedModel(hf_model, tokenizer, paged, GenerationDefaults(), frozenset(), "bench", 32768)
         own = functools.partial(bs.random_model_loader, size=args.size, tokenizer_dir=str(tmp), threads=args.threads,
                                 nf4=torch.cuda.is_available() or args.nf4_on_cpu)
@@ -323,10 +324,17 @@ def server_section(hf_model: torch.nn.Module, paged: PagedQwen2, args: argparse.
                            loaded.name, loaded.max_position_embeddings)
         own = load_model
     modes = ["on", "off"] if args.engine_process == "both" else [args.engine_process]
+    if paged is not None:
+        kv_per_token = paged.kv_bytes_per_token()
+    else:  # (--server-only: no model here) K and V of every layer, bf16 on a GPU, at most 4 bytes on a CPU
+        shape = SHAPES[args.size]
+        head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+        kv_per_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * head_dim * (
+            2 if torch.cuda.is_available() else 4)
     out: dict[str, Any] = {"client": "separate process, one WebSocket per stream"}
     for mode in modes:
         log(f"server path, engine process {mode}: {args.server_streams} streams over WebSockets")
-        result = server_mode(here if mode == "off" else None, own, args, mode, bs, paged.kv_bytes_per_token())
+        result = server_mode(here if mode == "off" else None, own, args, mode, bs, kv_per_token)
         out["engine_process_" + mode] = result
         if mode == modes[0]:  # the headline figures: the first placement measured
             first = result["points"][str(args.server_streams[0])]
@@ -394,8 +402,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="NF4 models: measure bitsandbytes' kernels, ours (fused Triton), or both in the same run")
     p.add_argument("--nf4-on-cpu", action="store_true", help="dry run of the NF4 paths on the CPU (random weights; "
                    "with TRITON_INTERPRET=1 for ours)")
-    p.add_argument("--server", action="store_true", help="also measure the whole server path over WebSockets")
+    p.add_argument("--server", action="store_true", help="also measure the whole server path over WebSockets: "
+                   "event-loop CPU per token, the engine's host time per step with and without streaming, inter-token "
+                   "latency end to end vs the engine's own (scripts/bench_server.py)")
     p.add_argument("--server-streams", default="1,8,32,64", help="comma-separated stream counts of --server")
+    p.add_argument("--server-only", action="store_true", help="run only --server (with --engine-process on and "
+                   "random weights the model is built in the engine process only)")
     p.add_argument("--pin", action="store_true", help="--server: the engine's threads on CPU 1, the rest on CPU 0 "
                    "(a 2-core machine: both placements on the same CPUs, so only the interpreter lock differs)")
     p.add_argument("--engine-process", choices=["on", "off", "both"], default="on", help="--server: the engine in "
@@ -460,6 +472,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if cuda else f"cpu ({torch.get_num_threads()} threads)"
     out: dict[str, Any] = {"device": device, "torch": torch.__version__, "args": dict(vars(args)), "errors": {}}
+    if args.server_only and args.engine_process == "on" and not args.model:  # the model is built there only
+        out["model"] = {"source": f"random weights, {args.size} shape, built in the engine process"}
+        try:
+            out["server"] = server_section(None, None, args, None)
+        except Exception as exc:
+            out["errors"]["server"] = f"{type(exc).__name__}: {exc}"[:500]
+            log(f"server failed:\n{traceback.format_exc()}")
+        return finish(args, out)
     loaded = None
     if args.model:
         hf_model, info, loaded = load_checkpoint(args.model)

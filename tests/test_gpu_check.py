@@ -55,3 +55,24 @@ def test_engine_ii_dry_run_on_the_cpu_reports_json(tmp_path):
     assert sweep["errors"] == {}
     assert set(sweep["context_sweep"]["decode"]) == {"paged", "reference"}
     assert set(sweep["context_sweep"]["itl"]) == {"mixed_16", "mixed_64", "alternating"}
+
+
+def test_token_path_steps_fit_one_device_command(tmp_path):
+    proc = run_check(tmp_path, PLAN_ONLY="1", STEPS="imports server")
+    assert proc.returncode == 0, proc.stderr
+    budget = re.search(r"steps: (.*); time budget (\d+) s in all", proc.stdout)
+    assert budget and int(budget.group(2)) <= 540, proc.stdout
+
+
+@pytest.mark.slow
+def test_token_path_dry_run_on_the_cpu_reports_json(tmp_path):
+    """bench --server-only through gpu_check.sh on the CPU: the engine process builds the model, the figures come."""
+    proc = run_check(tmp_path, STEPS="server")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "server exit 0" in proc.stdout
+    server = json.loads((tmp_path / "server.json").read_text())
+    assert server["errors"] == {}
+    points = server["server"]["engine_process_on"]["points"]
+    assert set(points) == {"1", "4"}
+    for p in points.values():
+        assert p["event_loop_us_per_token"] > 0 and p["host_ratio"] > 0 and p["ws"]["tokens"] == 24 * p["streams"]
