@@ -87,22 +87,28 @@ class Session:
     def emit_chunk(self, task_id: str, text: str, coalesce: bool) -> None:
         """A ``text_chunk``. With ``coalesce``, while the socket is behind (messages already wait to be written)
         the text is held and joined to the next chunk instead: a slow client gets fewer, longer chunks, and the
-        server encodes and frames fewer messages. Held text goes out as soon as the socket has caught up."""
+        server encodes and frames fewer messages. Held text goes out as soon as the socket has caught up, and
+        counts against the socket's bounds meanwhile (a client that stopped reading is still dropped)."""
         conn = self.connection
         if coalesce and conn is not None and conn.behind:
             if not self.held:
                 conn.on_drained = self.flush_held
             self.held += text
             self.held_task = task_id
+            conn.hold(len(text) + 160)  # (the notification's size, about)
             return
         if self.held:
             text, self.held = self.held + text, ""
+            if conn is not None:
+                conn.released()
         self._emit_chunk(task_id, text)
 
     def flush_held(self) -> None:
         """Send the held text now (its socket caught up, or another notification must follow it)."""
         if self.held:
             text, self.held = self.held, ""
+            if self.connection is not None:
+                self.connection.released()
             self._emit_chunk(self.held_task, text)
 
     def _emit_chunk(self, task_id: str, text: str) -> None:

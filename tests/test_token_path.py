@@ -95,6 +95,13 @@ class FakeConnection:
         self.sent: list[dict] = []
         self.behind = False
         self.on_drained = None
+        self.held = 0
+
+    def hold(self, size: int) -> None:
+        self.held += 1
+
+    def released(self) -> None:
+        self.held = 0
 
     def send_text(self, text: str, size: int) -> None:
         self.sent.append(json.loads(text))
@@ -161,3 +168,24 @@ def test_rust_and_python_detokenizers_agree(tiny_tokenizer, seed):
     b = [python.push(i) for i in ids]
     assert "".join(a) + rust.flush() == "".join(b) + python.flush()
     assert a == b
+
+
+def test_held_text_counts_against_the_socket_bounds_so_a_stalled_client_is_still_dropped():
+    from connection import Connection
+
+    class Stuck:  # a client that never reads: every send waits forever
+        async def send_text(self, text: str) -> None:
+            await asyncio.Event().wait()
+
+    async def go():
+        conn = Connection(Stuck(), max_queue=16)
+        session = Session("s", [])
+        session.connection, session.emitter = conn, conn.send_text
+        for i in range(40):
+            session.emit_chunk("t", f"w{i} ", coalesce=i > 0)
+            await asyncio.sleep(0)
+            if conn.overflowed.is_set():
+                break
+        conn.sender.cancel()
+        return i
+    assert run(go()) <= 16  # dropped once the chunks it was not sent would have filled its queue
