@@ -8,8 +8,9 @@ import random
 import pytest
 
 from grammar_walks import validate, validate_json_text, walk
-from grammars import (GrammarCompiler, ResponseFormat, SchemaLimits, SchemaRefused, ToolChoice, ToolSpec,
-                      closed_objects, forced_prefix, lark_grammar, nested_repeat)
+from grammars import (GrammarCompiler, ResponseFormat, ToolChoice, ToolSpec, closed_objects, forced_prefix,
+                      lark_grammar)
+from schema_limits import SchemaLimits, SchemaRefused, nested_repeat
 from schema_cases import SCHEMAS, UNSUPPORTED, WEATHER
 from utils import ToolCallParser
 
