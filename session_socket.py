@@ -19,6 +19,7 @@ from limits import (PromptTooLong, check_generate_limits, check_tool_round, prec
                     text_chars_at_least)
 from models import CancelParams, ErrorCode, GenerateRequestParams, ToolResultParams
 from shared import Runtime, session_var
+from structured_outputs import SchemaRefused, choices, plan, prompt_tools, refusal_data
 from tasks import Session, Task, TaskFailure, tool_content
 from workers import off_loop
 from utils import (context_data, generate_interactive_stream_ws, history_to_messages, open_stream, sampling_params,
@@ -57,11 +58,16 @@ async def rpc_generate(ctx: Context, p: GenerateRequestParams) -> dict[str, Any]
     if retry := rt.limiter.acquire(ctx.caller):
         raise RpcError(ErrorCode.RATE_LIMITED, "too many requests", {"retry_after_s": round(retry, 2)})
     max_new = p.max_new_tokens or min(settings.default_max_new_tokens, settings.max_new_tokens_cap)
-    tools = session.tools if p.tools is None else p.tools
+    choice, fmt = choices(p.tool_choice, p.response_format)
+    tools = prompt_tools(session.tools if p.tools is None else p.tools, choice)
     if p.history is not None:
         messages = history_to_messages(p.history)
     else:
         messages = [*session.messages, {"role": "user", "content": p.message}]
+    try:  # priced and compiled on the worker pool
+        turns = await plan(rt, tools, choice, fmt)
+    except SchemaRefused as exc:
+        raise RpcError(ErrorCode.INVALID_PARAMS, clip(str(exc), 500), refusal_data(exc)) from None
     try:  # priced, then tokenized on the worker pool
         prompt_ids = await tokenize_prompt(rt, messages, tools)
     except PromptTooLong as exc:
@@ -73,7 +79,8 @@ async def rpc_generate(ctx: Context, p: GenerateRequestParams) -> dict[str, Any]
         raise RpcError(ErrorCode.ENGINE_UNAVAILABLE, "the server is shutting down")
     ensure_idle(session)
     params = sampling_params(p, rt.model.defaults, max_new, rt.model.stop_token_ids)
-    task = Task(session, tools, params, p.stop or [], on_error=lambda code: rt.metrics.errors.labels(code).inc())
+    task = Task(session, tools, params, p.stop or [], on_error=lambda code: rt.metrics.errors.labels(code).inc(),
+                turns=turns)
     try:
         open_stream(rt, task, prompt_ids)
     except TaskFailure as failure:

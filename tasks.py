@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from engine import RequestStream, SamplingParams
+from grammars import TurnGrammars
 from jsonrpc import RpcError, clip, notification
 from models import (EndParams, ErrorCode, ErrorNotificationParams, JsonRpcError, ToolCallRequest, ToolDefinition,
                     ToolResultItem, Usage)
@@ -82,11 +83,13 @@ class Task:
 
     def __init__(self, session: Session, tools: list[ToolDefinition], params: SamplingParams,
                  stop: list[str], stream: RequestStream | None = None,
-                 on_error: Callable[[int], None] | None = None) -> None:
+                 on_error: Callable[[int], None] | None = None, turns: TurnGrammars | None = None) -> None:
         self.task_id = new_id("task-")
         self.session = session
         self.tools = tools
         self.params = params
+        self.turns = turns or TurnGrammars()  # the grammars of its model calls (structured outputs)
+        self.model_calls = 0
         self.stop = stop
         self.stream = stream  # the engine request of the current model call (aborted when the task ends)
         self.reason: str | None = None  # how the body finished: stop, length, cancelled, error

@@ -22,6 +22,7 @@ from engine.block_manager import BlockManager
 from engine.model_runner import ModelRunner, PagedModel
 from engine.request import EventSink, FinishReason, Request, RequestStatus, SamplingParams, TokenEvent
 from engine.sampler import Sampler
+from engine.structured import MaskBatch, masked_logits
 from engine.scheduler import Scheduler, Step
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class Engine:
                                   static_decode=config.static_decode)
         self.scheduler = Scheduler(self.blocks, config.max_running, config.prefill_chunk)
         self.sampler = Sampler(model.vocab_size, config.max_running, model.device)
+        self.masks = MaskBatch(model.vocab_size, config.max_running, model.device)  # rows with a grammar
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._queued = 0
@@ -177,6 +179,8 @@ class Engine:
             self._dequeue(req)
             try:
                 self.sampler.start_row(req.row, req.tokens, req.output_ids)
+                if req.params.grammar is not None and req.matcher is None:  # kept across preemption
+                    req.matcher = req.params.grammar.matcher()
                 if req.params.seed is not None and req.generator is None:
                     req.generator = self.sampler.make_generator(req.params.seed)
             except Exception as exc:
@@ -220,16 +224,26 @@ class Engine:
         if len(sampled) < len(reqs):
             logits = logits[sampled]
         rows = [reqs[i] for i in sampled]
+        # Grammar masks are filled on the CPU (llguidance's threads, no GIL) while the device still runs the
+        # step: nothing above waited for it. Rows without a grammar pay nothing; a step without any, not even this.
+        bitmask = self.masks.fill([r.matcher for r in rows])
+        if bitmask is not None:
+            logits = masked_logits(logits, bitmask)
         return self.sampler.sample(logits, [r.row for r in rows], [r.params for r in rows],
                                    [r.generator for r in rows])
 
     def _append(self, req: Request, token: int) -> None:
         params = req.params
+        if req.matcher is not None and not req.matcher.accept(token):  # the mask allowed it: a grammar failure
+            self._finish(req, FinishReason.ERROR, error=f"structured output failed: {req.matcher.error}")
+            return
         if token in params.stop_token_ids and not params.ignore_eos:
             self._finish(req, FinishReason.STOP, completion=req.num_output_tokens + 1)
             return
         req.tokens.append(token)
-        if req.num_output_tokens >= params.max_new_tokens or req.num_tokens >= req.max_tokens:
+        if req.matcher is not None and req.matcher.done:  # the grammar is complete: only a stop token could follow
+            self._finish(req, FinishReason.STOP, (token,))
+        elif req.num_output_tokens >= params.max_new_tokens or req.num_tokens >= req.max_tokens:
             self._finish(req, FinishReason.LENGTH, (token,))
         else:
             self._emit(req, (token,), None, None, req.num_output_tokens)

@@ -193,3 +193,8 @@ def apply_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     if logits.shape[-1] > vocab:
         logits[:, vocab:] = float("-inf")
     return logits
+
+
+def masked_logits(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """``apply_bitmask_`` on a copy (the model's logits may live in a CUDA graph's output buffer)."""
+    return apply_bitmask_(logits.clone(), bitmask)
