@@ -234,7 +234,8 @@ class Engine:
 
     def _append(self, req: Request, token: int) -> None:
         params = req.params
-        if req.matcher is not None and not req.matcher.accept(token):  # the mask allowed it: a grammar failure
+        # A matcher fails when its mask could not be computed (a lexer limit) or refuses what its mask allowed.
+        if req.matcher is not None and (req.matcher.error or not req.matcher.accept(token)):
             self._finish(req, FinishReason.ERROR, error=f"structured output failed: {req.matcher.error}")
             return
         if token in params.stop_token_ids and not params.ignore_eos:

@@ -119,8 +119,8 @@ class RowMatcher:
 
     @property
     def done(self) -> bool:
-        """The grammar is complete: nothing but a stop token may follow."""
-        return self.ll.is_stopped()
+        """The grammar is complete: nothing but a stop token may follow. (llguidance also stops on an error.)"""
+        return self.ll.is_stopped() and not self.ll.is_error()
 
     @property
     def error(self) -> str | None:

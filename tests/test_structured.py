@@ -69,6 +69,7 @@ def test_a_matcher_follows_its_grammar_and_copies_are_independent(grammar_tokeni
     assert one.error is None
     stop = min(grammar_tokenizer.stop_token_ids)
     assert one.accept(stop) and one.done
+    assert not two.done  # llguidance stops a matcher in error too: that is not a complete grammar
 
 
 def test_a_grammar_that_does_not_compile_raises_one_line(grammar_tokenizer):
