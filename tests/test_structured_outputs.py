@@ -56,7 +56,7 @@ async def first_calls(app, params: dict) -> list[dict]:
         return note["params"]["tool_calls"]
 
 
-# ---- WebSocket --------------------------------------------------------------------------------------------------------
+# ---- WebSocket ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("choice", ["required", "named"])
 def test_ws_required_and_named_calls_are_valid_calls_of_the_right_tool(server, choice):
     wanted = {"type": "function", "function": {"name": "arrays"}} if choice == "named" else "required"
@@ -152,7 +152,7 @@ def test_ws_tool_choice_names_no_tool_of_the_request(server):
     run(go())
 
 
-# ---- the official openai client -------------------------------------------------------------------------------------
+# ---- the official openai client ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("choice", ["required", "named"])
 def test_openai_required_and_named_calls_are_valid_calls_of_the_right_tool(client, choice):
     wanted = {"type": "function", "function": {"name": "enums"}} if choice == "named" else "required"
