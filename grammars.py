@@ -46,20 +46,22 @@ class ToolSpec:
 class ToolChoice:
     mode: Literal["auto", "required", "none", "function"] = "auto"
     name: str | None = None
+    parallel: bool = True  # OpenAI's parallel_tool_calls: false allows one call per model call
 
     @classmethod
-    def parse(cls, value: Any) -> ToolChoice:
+    def parse(cls, value: Any, parallel: bool | None = None) -> ToolChoice:
         """OpenAI's shapes: "auto" | "required" | "none" | {"type": "function", "function": {"name": ...}};
         None means auto."""
+        many = parallel is not False
         if value is None:
-            return cls()
+            return cls(parallel=many)
         if value in ("auto", "required", "none"):
-            return cls(value)
+            return cls(value, parallel=many)
         if isinstance(value, Mapping) and value.get("type", "function") == "function":
             fn = value.get("function")
             name = fn.get("name") if isinstance(fn, Mapping) else value.get("name")
             if isinstance(name, str) and name:
-                return cls("function", name)
+                return cls("function", name, many)
         raise SchemaRefused("tool_choice", 'must be "auto", "required", "none" or '
                             '{"type": "function", "function": {"name": ...}}')
 
@@ -150,7 +152,7 @@ def lark_grammar(tools: Sequence[ToolSpec], choice: ToolChoice, fmt: ResponseFor
             lines += [f"tool_{i}: {_literal(call_head(tool.name))} args_{i} \"}}\"", f"args_{i}: {_json_rule(args)}"]
             alts.append(f"tool_{i}")
         lines += ["body: " + " | ".join(alts), f'call: {TOOL_OPEN} "\\n" body "\\n" {TOOL_CLOSE}',
-                  'calls: call ("\\n" call)*']
+                  'calls: call ("\\n" call)*' if choice.parallel else "calls: call"]
     # Free text: anything but a tool call, whether the model opens one with the tag's token or spells it out.
     lines.append("TEXT: /(?s:.*)/ & ~/(?s:.*)<tool_call>(?s:.*)/")
     if fmt.is_json:
@@ -162,7 +164,7 @@ def lark_grammar(tools: Sequence[ToolSpec], choice: ToolChoice, fmt: ResponseFor
     elif fmt.is_json:
         start = "calls | answer" if calls_possible else "answer"
     else:
-        start = "TEXT (call TEXT)*" if calls_possible else "TEXT"
+        start = ("TEXT (call TEXT)*" if choice.parallel else "TEXT (call TEXT)?") if calls_possible else "TEXT"
     lines.append(f"start: {start}")
     return "\n".join(lines)
 
@@ -201,7 +203,7 @@ class TurnGrammars:
 
 
 def later_choice(choice: ToolChoice) -> ToolChoice:
-    return choice if choice.mode == "none" else ToolChoice("auto")
+    return choice if choice.mode == "none" else ToolChoice("auto", parallel=choice.parallel)
 
 
 # ---- compiling ---------------------------------------------------------------------------------------------------

@@ -210,6 +210,7 @@ class GenerateRequestParams(BaseModel):
     ignore_eos: bool = False  # keep generating past end-of-turn until max_new_tokens (benchmarks, load tests)
     tool_choice: ToolChoiceParam | None = None  # the task's first model call: auto (default), required, none, named
     response_format: ResponseFormatParam | None = None  # final_text is then a JSON document (of that schema)
+    parallel_tool_calls: bool | None = None  # false: at most one tool call per model call
 
     _unique = field_validator("tools")(_unique_tool_names)
 

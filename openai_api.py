@@ -80,6 +80,7 @@ class ChatRequest(BaseModel):
     tools: list[ToolDefinition] | None = None
     tool_choice: ToolChoiceParam | None = None
     response_format: ResponseFormatParam | None = None
+    parallel_tool_calls: bool | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
@@ -133,7 +134,7 @@ def to_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 
 async def constraints(rt: Runtime, req: ChatRequest) -> tuple[list[ToolDefinition], TurnGrammars]:
     """The tools to show the model, and the grammar (and forced opening) of tool_choice / response_format."""
-    choice, fmt = choices(req.tool_choice, req.response_format)
+    choice, fmt = choices(req.tool_choice, req.response_format, req.parallel_tool_calls)
     tools = prompt_tools(req.tools or [], choice)
     try:
         return tools, await plan(rt, tools, choice, fmt)

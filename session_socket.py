@@ -58,7 +58,7 @@ async def rpc_generate(ctx: Context, p: GenerateRequestParams) -> dict[str, Any]
     if retry := rt.limiter.acquire(ctx.caller):
         raise RpcError(ErrorCode.RATE_LIMITED, "too many requests", {"retry_after_s": round(retry, 2)})
     max_new = p.max_new_tokens or min(settings.default_max_new_tokens, settings.max_new_tokens_cap)
-    choice, fmt = choices(p.tool_choice, p.response_format)
+    choice, fmt = choices(p.tool_choice, p.response_format, p.parallel_tool_calls)
     tools = prompt_tools(session.tools if p.tools is None else p.tools, choice)
     if p.history is not None:
         messages = history_to_messages(p.history)

@@ -26,11 +26,11 @@ def tool_specs(tools: Sequence[ToolDefinition]) -> list[ToolSpec]:
     return [ToolSpec(t.name, t.parameters, t.strict) for t in tools]
 
 
-def choices(tool_choice: ToolChoiceParam | None,
-            response_format: ResponseFormatParam | None) -> tuple[ToolChoice, ResponseFormat]:
+def choices(tool_choice: ToolChoiceParam | None, response_format: ResponseFormatParam | None,
+            parallel_tool_calls: bool | None = None) -> tuple[ToolChoice, ResponseFormat]:
     """The wire shapes (already validated by pydantic) as the grammar builder reads them."""
     fmt = ResponseFormat.parse(response_format.plain() if response_format is not None else None)
-    return ToolChoice.parse(tool_choice_plain(tool_choice)), fmt
+    return ToolChoice.parse(tool_choice_plain(tool_choice), parallel_tool_calls), fmt
 
 
 def prompt_tools(tools: list[ToolDefinition], choice: ToolChoice) -> list[ToolDefinition]:

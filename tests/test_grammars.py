@@ -23,7 +23,8 @@ def json_schema(schema):
 
 
 def compile_for(compiler, tools, choice, fmt=None):
-    choice, fmt = ToolChoice.parse(choice), ResponseFormat.parse(fmt)
+    choice = choice if isinstance(choice, ToolChoice) else ToolChoice.parse(choice)
+    fmt = ResponseFormat.parse(fmt)
     prefix = forced_prefix(tools, choice)
     return compiler.compile(tools, choice, fmt, compiler.tokenizer.encode(prefix) if prefix else ()), prefix
 
@@ -213,6 +214,21 @@ def test_random_tool_turns_yield_only_valid_calls(grammar_compiler, grammar_toke
         assert seen_calls and seen_text
     if choice in ("required", "function"):
         assert seen_calls >= 20
+
+
+@pytest.mark.parametrize("choice", ["auto", "required"])
+def test_parallel_tool_calls_false_allows_one_call(grammar_compiler, grammar_tokenizer, choice):
+    hf = grammar_tokenizer._hf
+    grammar, prefix = compile_for(grammar_compiler, TOOLS[:3], ToolChoice.parse(choice, parallel=False))
+    assert ToolChoice.parse(choice, parallel=False).parallel is False and ToolChoice.parse(choice).parallel
+    counts = set()
+    for seed in range(25):
+        w = walk(grammar, grammar_tokenizer.stop_token_ids, random.Random(seed), max_steps=300, stop_bias=0.02)
+        if w.finished:
+            text, calls = parse_calls(hf, prefix, w.tokens)
+            counts.add(len(calls))
+            assert "<tool_call>" not in text
+    assert counts <= {0, 1} and 1 in counts
 
 
 def test_auto_with_a_json_answer_is_calls_or_the_document(grammar_compiler, grammar_tokenizer):

@@ -168,6 +168,15 @@ def test_openai_required_and_named_calls_are_valid_calls_of_the_right_tool(clien
             assert [c.function.name for c in choice_.message.tool_calls] == ["enums"]
 
 
+def test_openai_parallel_tool_calls_false_makes_one_call(client):
+    for seed in range(5):
+        out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Weather?"}],
+                                             tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                                             seed=seed, temperature=1.0, max_tokens=600)
+        [call] = out.choices[0].message.tool_calls
+        validate(json.loads(call.function.arguments), SCHEMA_OF[call.function.name])
+
+
 def test_openai_response_format_json_schema_and_json_object(client):
     schema = SCHEMAS["any_of"]
     for seed in range(SEEDS):
