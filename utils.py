@@ -203,6 +203,28 @@ def parse_tool_call(body: str) -> ParsedCall | None:
     return ParsedCall(obj["name"], args) if isinstance(args, dict) else None
 
 
+def _inside_json_string(text: str) -> bool:
+    """Whether ``text`` (the start of a JSON document) ends inside a string."""
+    inside, escaped = False, False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and inside:
+            escaped = True
+        elif ch == '"':
+            inside = not inside
+    return inside
+
+
+def _call_end(buffer: str) -> int:
+    """Where the call's ``</tool_call>`` is: the first one outside a JSON string (an argument may contain the
+    tag's text), or -1 while none has arrived."""
+    end = buffer.find(TOOL_CLOSE)
+    while end >= 0 and _inside_json_string(buffer[:end]):
+        end = buffer.find(TOOL_CLOSE, end + 1)
+    return end
+
+
 @dataclass
 class ToolCallParser:
     """Splits the model's text into visible text and ``<tool_call>`` blocks as it streams.
@@ -225,7 +247,7 @@ class ToolCallParser:
         out: list[str] = []
         while True:
             if self.in_call:
-                end = self.buffer.find(TOOL_CLOSE)
+                end = _call_end(self.buffer)
                 if end < 0:
                     break
                 body, self.buffer = self.buffer[:end], self.buffer[end + len(TOOL_CLOSE):]
@@ -266,6 +288,14 @@ class ToolCallParser:
     def flush(self) -> str:
         """End of stream: an unterminated call is kept if its JSON is complete, else shown as text."""
         out: list[str] = []
+        if self.in_call and (end := self.buffer.find(TOOL_CLOSE)) >= 0:
+            # Every close was inside a string of a call that never parsed: a malformed call, which ends at its
+            # first close after all (as text); what follows it is parsed as usual.
+            body, rest = self.buffer[:end], self.buffer[end + len(TOOL_CLOSE):]
+            self.buffer, self.in_call = "", False
+            self._show(TOOL_OPEN + body + TOOL_CLOSE, out)
+            out.append(self.push(rest))
+            return "".join(out) + self.flush()
         buffer, self.buffer = self.buffer, ""
         if self.in_call:
             self.in_call = False
