@@ -1,10 +1,11 @@
 # make serve  - create .venv, install, download Qwen2.5-14B-Instruct if no model is configured, serve on :8000
 # make test   - create .venv, install with test tools, run the tests (what CI runs)
+# make cluster - Redis, 2 replicas (tiny model, CPU) and HAProxy on :8080 (scripts/cluster.py)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev serve test tiny-model bench bench-cpu clean
+.PHONY: install install-dev serve test tiny-model bench bench-cpu cluster clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,11 @@ bench: $(VENV)/.installed-dev
 # CPU: the tiny shape, 1 and 8 streams (no GPU needed)
 bench-cpu: $(VENV)/.installed-dev
 	$(BIN)/python scripts/bench.py --size tiny --threads 1 --server --out bench-cpu.json
+
+# Redis + 2 replicas (tiny model, CPU) + HAProxy on :8080, for demos (Debian's redis-server and haproxy)
+cluster: $(VENV)/.installed
+	bash scripts/install_services.sh $(VENV)
+	$(BIN)/python scripts/cluster.py $(CLUSTER_ARGS)
 
 tiny-model: $(VENV)/.installed
 	$(BIN)/python scripts/make_tiny_model.py models/tiny

@@ -9,6 +9,9 @@ Library use::
         async for event in session.generate(message="Weather in London?"):
             ...                                                       # TextChunk, ToolCalls, FinalText, Error, End
 
+A session whose socket drops reconnects by itself (``Client(reconnect_s=...)``) with ``?resume_from=<last seq>``:
+the server sends what was missed, then the live stream goes on; requests still unanswered are sent again.
+
 Only ``websockets`` and the standard library are used.
 """
 from __future__ import annotations
@@ -26,12 +29,16 @@ import types
 import typing
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+SESSION_BUSY, UNKNOWN_TASK, NOT_AWAITING, TASK_LOST = -32001, -32003, -32007, -32011
+SUPERSEDED = 4000  # the server closed this socket: a newer one resumed the session
+FINAL_STATUSES = (400, 401, 403, 404)  # a refused reconnect that trying again cannot fix
 
 
 # ---- errors and events ----------------------------------------------------------------------------------------
@@ -212,6 +219,7 @@ class Generation:
         if self.task_id is None:
             result = await self.session.call("generate", self.params)
             self.task_id = result["task_id"]
+            self.session._claimed.add(self.task_id)
             self._queue = self.session._queue_for(self.task_id)
         return self
 
@@ -252,23 +260,48 @@ class Generation:
         if method == "end":
             self._done = True
             self.session._queues.pop(self.task_id, None)
+            self.session._answers.clear()
             self.finish_reason, self.usage = p["finish_reason"], p.get("usage") or {}
             return End(self.finish_reason, self.usage)
         return None  # a notification this client does not know: skipped
 
 
+@dataclass
+class _Pending:
+    """A request waiting for its response: resent on a new socket if the old one dropped first."""
+
+    method: str
+    text: str
+    future: asyncio.Future[dict[str, Any]]
+    socket_no: int = -1  # the socket it was last sent on
+    resent: bool = False
+
+
 class Session:
     """A server session over its WebSocket. Make one with ``Client.create_session`` or ``Client.attach``."""
 
-    def __init__(self, session_id: str, ws: ClientConnection, tools: list[Tool], timeout: float) -> None:
+    def __init__(self, session_id: str, ws: ClientConnection, tools: list[Tool], timeout: float,
+                 reopen: Callable[[int], Awaitable[ClientConnection]] | None = None, reconnect_s: float = 0.0) -> None:
         self.session_id, self.timeout = session_id, timeout
         self.tools: dict[str, Tool] = {t.name: t for t in tools}
         self._ws = ws
         self._override = False  # tools were added after creation: send them with each generate
         self._next_id = 0
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._pending: dict[int, _Pending] = {}
         self._queues: dict[str, asyncio.Queue[Any]] = {}
-        self.closed = False  # the socket closed (by either side)
+        self.closed = False  # the session's socket is gone for good (closed by us, or reconnecting failed)
+        # resuming: ``reopen(last_seq)`` opens a new socket with ?resume_from=; tried for ``reconnect_s``
+        self._reopen, self.reconnect_s = reopen, reconnect_s
+        self.last_seq = 0  # the seq of the last notification received
+        self.reconnects = 0
+        self._socket_no = 0  # which socket a request was last sent on
+        self._connected = asyncio.Event()
+        self._connected.set()
+        self._closing = False
+        self._resumed: asyncio.Future[dict[str, Any]] | None = None
+        self._claimed: set[str] = set()  # task ids a Generation of ours owns
+        self._ended: set[str] = set()  # ...and those whose end has arrived
+        self._answers: dict[str, dict[str, Any]] = {}  # call_id -> the reply sent (a resent request reuses it)
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     def tool(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -324,12 +357,13 @@ class Session:
         if self.closed:
             raise ClientClosed("the session's socket is closed")
         self._next_id += 1
-        rid, future = self._next_id, asyncio.get_running_loop().create_future()
-        self._pending[rid] = future
+        rid = self._next_id
+        text = json.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params or {}}, default=str)
+        pending = self._pending[rid] = _Pending(method, text, asyncio.get_running_loop().create_future())
         try:
-            await self._ws.send(json.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params or {}},
-                                           default=str))
-            reply = await asyncio.wait_for(future, self.timeout)
+            if self._connected.is_set():
+                await self._send(pending)
+            reply = await asyncio.wait_for(pending.future, self.timeout)
         except ConnectionClosed as exc:
             raise ClientClosed(f"the socket closed: {exc}") from None
         finally:
@@ -341,6 +375,7 @@ class Session:
 
     async def close(self) -> None:
         """Close the socket (the server cancels a running task; the session itself stays, see ``attach``)."""
+        self._closing = True
         await self._ws.close()
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader
@@ -353,30 +388,113 @@ class Session:
 
     async def _read(self) -> None:
         try:
-            async for raw in self._ws:
-                with contextlib.suppress(ValueError):  # not JSON: nothing to route it to
-                    message = json.loads(raw)
-                    for item in message if isinstance(message, list) else [message]:
-                        self._route(item)
-        except ConnectionClosed:
-            pass
+            while True:
+                with contextlib.suppress(ConnectionClosed):
+                    async for raw in self._ws:
+                        with contextlib.suppress(ValueError):  # not JSON: nothing to route it to
+                            message = json.loads(raw)
+                            for item in message if isinstance(message, list) else [message]:
+                                self._route(item)
+                if not await self._reconnect():
+                    return
         finally:
             self.closed = True
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(ClientClosed("the socket closed before the response came"))
+            self._connected.set()
+            for pending in self._pending.values():
+                if not pending.future.done():
+                    pending.future.set_exception(ClientClosed("the socket closed before the response came"))
             for queue in self._queues.values():
                 queue.put_nowait(_CLOSED)
+
+    async def _reconnect(self) -> bool:
+        """After the socket dropped: open a new one with ?resume_from=, retrying for ``reconnect_s``."""
+        if self._closing or self._reopen is None or self.reconnect_s <= 0 \
+                or self._ws.close_code in (1008, SUPERSEDED):
+            return False
+        self._connected.clear()
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + self.reconnect_s, 0.1
+        while not self._closing:
+            try:
+                self._ws = await self._reopen(self.last_seq)
+                break
+            except InvalidStatus as exc:
+                if exc.response.status_code in FINAL_STATUSES:
+                    return False
+            except (OSError, InvalidHandshake, asyncio.TimeoutError):
+                pass
+            if loop.time() + delay > deadline:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)
+        if self._closing:
+            return False
+        self.reconnects += 1
+        self._socket_no += 1
+        self._resumed = loop.create_future()
+        self._connected.set()
+        loop.create_task(self._resend())
+        return True
+
+    async def _resend(self) -> None:
+        """Once the server has replayed what was missed (its ``resumed`` notification): requests still waiting
+        are sent again. A ``generate`` whose task the replay shows is not: it is that task."""
+        socket_no = self._socket_no
+        try:
+            info = await asyncio.wait_for(asyncio.shield(self._resumed), self.timeout)
+        except asyncio.TimeoutError:
+            info = {}
+        for task_id in self._claimed - self._ended:
+            if info and info.get("task_id") != task_id:  # it ended while we were away, and its end was not kept
+                queue = self._queue_for(task_id)
+                queue.put_nowait({"method": "error", "params": {"task_id": task_id, "error": {
+                    "code": TASK_LOST, "message": "the task is no longer running and its outcome was lost with the "
+                    "socket; the conversation holds whatever it completed"}}})
+                queue.put_nowait({"method": "end", "params": {"task_id": task_id, "finish_reason": "error"}})
+                self._ended.add(task_id)
+        for pending in list(self._pending.values()):
+            if pending.future.done() or pending.socket_no == socket_no:
+                continue
+            if pending.method == "generate":
+                task_id = info.get("task_id") or next((t for t in self._queues if t not in self._claimed), None)
+                if task_id is not None:
+                    pending.future.set_result({"result": {"status": "processing", "task_id": task_id}})
+                    continue
+            pending.resent = True
+            with contextlib.suppress(ConnectionClosed):  # dropped again: the next reconnect resends it
+                await self._send(pending)
+
+    async def _send(self, pending: _Pending) -> None:
+        socket_no = self._socket_no
+        await self._ws.send(pending.text)
+        pending.socket_no = socket_no
 
     def _route(self, message: Any) -> None:
         if not isinstance(message, dict):
             return
         if "method" in message:  # a notification: to its task's events
-            task_id = (message.get("params") or {}).get("task_id")
+            params = message.get("params") or {}
+            if message["method"] == "resumed":
+                if self._resumed is not None and not self._resumed.done():
+                    self._resumed.set_result(params)
+                return
+            seq = params.get("seq")
+            if isinstance(seq, int):
+                if seq <= self.last_seq:
+                    return  # already received (a replay can overlap what arrived before the drop)
+                self.last_seq = seq
+            task_id = params.get("task_id")
             if task_id is not None:
+                if message["method"] == "end":
+                    self._ended.add(task_id)
                 self._queue_for(task_id).put_nowait(message)
-        elif (future := self._pending.get(message.get("id"))) is not None and not future.done():
-            future.set_result(message)
+        elif (pending := self._pending.get(message.get("id"))) is not None and not pending.future.done():
+            error = message.get("error") or {}
+            task_id = (error.get("data") or {}).get("task_id") if isinstance(error.get("data"), dict) else None
+            if pending.resent and pending.method == "generate" and error.get("code") == SESSION_BUSY \
+                    and task_id is not None and task_id not in self._claimed:
+                message = {"result": {"status": "processing", "task_id": task_id}}  # the original got through
+            pending.future.set_result(message)
 
     async def _answer(self, task_id: str, calls: list[ToolCall]) -> None:
         """Run the registered handlers of ``calls`` (concurrently; sync ones in threads) and send one
@@ -384,11 +502,18 @@ class Session:
         handled = [c for c in calls if (t := self.tools.get(c.tool)) is not None and t.handler is not None]
         if not handled:
             return
-        await asyncio.gather(*(self._run(self.tools[c.tool].handler, c) for c in handled))
+        fresh = [c for c in handled if c.call_id not in self._answers]  # a resent request: answered already
+        await asyncio.gather(*(self._run(self.tools[c.tool].handler, c) for c in fresh))
+        for call in handled:
+            if call in fresh:
+                self._answers[call.call_id] = call.reply(call.result, call.error)
+            else:
+                reply = self._answers[call.call_id]
+                call.result, call.error, call.answered = reply.get("result"), reply.get("error_message"), True
         try:
-            await self.tool_result(task_id, [c.reply(c.result, c.error) for c in handled])
+            await self.tool_result(task_id, [self._answers[c.call_id] for c in handled])
         except RpcError as exc:
-            if exc.code not in (-32003, -32007):  # -32003/-32007: the task ended meanwhile (e.g. cancelled)
+            if exc.code not in (UNKNOWN_TASK, NOT_AWAITING):  # the task ended meanwhile, or had them already
                 raise
 
     @staticmethod
@@ -413,12 +538,14 @@ class Client:
     ``Authorization: Bearer`` on every HTTP request and WebSocket handshake. ``timeout``: seconds to wait for
     any one response."""
 
-    def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 60.0,
+                 reconnect_s: float = 60.0) -> None:
         url = url if "://" in url else f"http://{url}"
         self.url = url.rstrip("/").replace("ws://", "http://", 1).replace("wss://", "https://", 1)
         self.ws_url = self.url.replace("http", "ws", 1)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
+        self.reconnect_s = reconnect_s  # how long a dropped session socket keeps trying to resume (0: never)
         self.sessions: list[Session] = []
 
     async def create_session(self, tools: ToolsArg = None) -> Session:
@@ -450,15 +577,20 @@ class Client:
         except urllib.error.HTTPError as exc:
             raise ApiError.from_body(exc.code, str(exc.reason), exc.read().decode(errors="replace")) from None
 
+    async def _open(self, session_id: str, resume_from: int | None = None) -> ClientConnection:
+        query = "" if resume_from is None else f"?resume_from={resume_from}"
+        return await connect(f"{self.ws_url}/ws/{session_id}{query}", additional_headers=self.headers,
+                             max_size=None, compression=None, open_timeout=self.timeout)
+
     async def _connect(self, session_id: str, tools: list[Tool]) -> Session:
         try:
-            ws = await connect(f"{self.ws_url}/ws/{session_id}", additional_headers=self.headers, max_size=None,
-                               compression=None, open_timeout=self.timeout)
+            ws = await self._open(session_id)
         except InvalidStatus as exc:
             response = exc.response
             raise ApiError.from_body(response.status_code, response.reason_phrase,
                                      (response.body or b"").decode(errors="replace")) from None
-        session = Session(session_id, ws, tools, self.timeout)
+        session = Session(session_id, ws, tools, self.timeout,
+                          lambda seq: self._open(session_id, seq), self.reconnect_s)
         self.sessions.append(session)
         return session
 

@@ -142,6 +142,17 @@ def error_response(request_id: Any, error: RpcError) -> dict[str, Any]:
     return {"jsonrpc": JSONRPC_VERSION, "error": error.to_dict(), "id": request_id}
 
 
+def encode(message: dict[str, Any] | list[Any]) -> tuple[str, int]:
+    """A message as JSON text, and its size in bytes. Text that is not Unicode (a lone surrogate that slipped
+    through) is sent \\u-escaped rather than failing the sender: the connection never goes silent."""
+    text = json.dumps(message, ensure_ascii=False)
+    try:
+        return text, len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        text = json.dumps(message)
+        return text, len(text)
+
+
 def notification(method: str, params: BaseModel | dict[str, Any]) -> dict[str, Any]:
     if isinstance(params, BaseModel):
         params = params.model_dump(mode="json")

@@ -32,6 +32,9 @@ class ErrorCode(enum.IntEnum):
     NOT_AWAITING_TOOL_RESULTS = -32007  # tool_result while the task is not waiting for one
     ENGINE_UNAVAILABLE = -32008  # the engine is stopped, or the server is shutting down
     RATE_LIMITED = -32009  # this key (or address) sent too many requests; retry after data.retry_after_s
+    RESUME_INCOMPLETE = -32010  # a resumed stream: notifications from data.missing_from on were no longer kept
+    TASK_LOST = -32011  # the task's process or replica died; the conversation is as before it: retry it
+    SESSION_TOO_LARGE = -32012  # the stored session would exceed INFERENCE_SESSION_MAX_BYTES
 
 
 class JsonRpcError(BaseModel):
@@ -263,6 +266,7 @@ class TextChunkParams(BaseModel):
     session_id: str
     task_id: str
     chunk: str
+    seq: int | None = None  # the session's notification number (set when sent); resume with ?resume_from=
 
 
 class ToolCallRequest(BaseModel):
@@ -278,12 +282,14 @@ class FunctionCallRequestParams(BaseModel):
     session_id: str
     task_id: str
     tool_calls: list[ToolCallRequest]
+    seq: int | None = None  # the session's notification number (set when sent); resume with ?resume_from=
 
 
 class FinalTextParams(BaseModel):
     session_id: str
     task_id: str
     final_text: str
+    seq: int | None = None  # the session's notification number (set when sent); resume with ?resume_from=
 
 
 class EndParams(BaseModel):
@@ -291,9 +297,21 @@ class EndParams(BaseModel):
     task_id: str
     finish_reason: Literal["stop", "length", "cancelled", "error"]
     usage: Usage
+    seq: int | None = None  # the session's notification number (set when sent); resume with ?resume_from=
 
 
 class ErrorNotificationParams(BaseModel):
     session_id: str
     task_id: str | None = None
     error: JsonRpcError
+    seq: int | None = None  # the session's notification number (set when sent); resume with ?resume_from=
+
+
+class ResumedParams(BaseModel):
+    """Sent (without a seq) to a socket opened with ?resume_from=, once every missed notification has been sent:
+    requests still unanswered from the old socket can go again; ``task_id`` is the running task, if any."""
+
+    session_id: str
+    resume_from: int
+    seq: int  # the session's latest notification number
+    task_id: str | None = None

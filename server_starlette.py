@@ -23,6 +23,7 @@ from starlette.staticfiles import StaticFiles
 
 from auth import ApiKeys, RateLimiter, TicketBook, TicketBookFull
 from engine import AsyncEngine, Engine, EngineConfig
+from engine.attention import resolve_backend
 from engine.structured import GrammarTokenizer
 from grammars import GrammarCompiler
 from http_guard import BodyError, HostGuard, read_json_body, uvicorn_options
@@ -31,10 +32,11 @@ from limits import max_token_chars, too_many_tools, tools_problem
 from metrics import Metrics
 from models import CreateSessionRequest, CreateSessionResponse, ErrorCode
 from openai_api import chat_completions, list_models
-from session_socket import GOING_AWAY, METHODS, ws_session
+from session_socket import GOING_AWAY, METHODS, REPLICA_HEADER, ws_session
+from session_store import SessionStore, StoreError, committed
+from sessions import SessionRegistry, dump_tools
 from shared import (ConfigError, LoadedModel, Runtime, Settings, check_model_source, kv_cache_bytes, load_model,
                     setup_logging)
-from tasks import SessionStore
 from workers import off_loop
 
 log = logging.getLogger("inference.server")
@@ -112,12 +114,36 @@ async def create_session(request: Request) -> Response:
     body = await off_loop(parse_session_request, rt.settings, payload)
     if isinstance(body, Response):
         return body
+    tools_json = await off_loop(dump_tools, body.tools)
     try:
-        session = rt.sessions.create(body.tools, owner, rt.settings.max_sessions_per_key, quota=caller)
+        session = rt.sessions.create(body.tools, owner, rt.settings.max_sessions_per_key, quota=caller,
+                                     tools_json=tools_json)
     except RpcError as exc:
         return http_error(429 if exc.code == ErrorCode.RATE_LIMITED else 503, "too_many_sessions", exc.message)
+    if problem := await committed(session.save()):  # an id is handed out only once the session survives a restart
+        rt.sessions.remove(session)
+        return http_error(503, "store_unavailable", f"the session could not be stored: {problem}",
+                          headers={"Retry-After": "5"})
     log.info("session %s created with %d tools", session.session_id, len(body.tools))
     return JSONResponse(CreateSessionResponse(session_id=session.session_id).model_dump())
+
+
+class ReplicaHeader:
+    """Every HTTP response says which replica answered (``X-Inference-Replica``): deploy/haproxy.cfg routes a
+    session's requests to one replica, and this shows it. (WebSocket upgrades carry it too: session_socket.)"""
+
+    def __init__(self, app: Any, replica_id: str) -> None:
+        self.app, self.header = app, (REPLICA_HEADER.lower().encode(), replica_id.encode())
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_header(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self.header]
+            await send(message)
+        await self.app(scope, receive, send_with_header)
 
 
 async def issue_ticket(request: Request) -> Response:
@@ -133,7 +159,11 @@ async def issue_ticket(request: Request) -> Response:
         return payload
     session_id = payload.get("session_id") if isinstance(payload, dict) else None
     if session_id is not None:
-        session = rt.sessions.get(str(session_id))
+        try:
+            session = await rt.sessions.attach(str(session_id))
+        except (StoreError, RpcError) as exc:
+            return http_error(503, "store_unavailable", f"the session cannot be attached now: {exc}"[:300],
+                              headers={"Retry-After": "5"})
         if session is None:
             return http_error(404, "not_found", "no such session")
         if rt.keys.enabled and session.owner != owner:
@@ -153,11 +183,14 @@ async def ready(request: Request) -> JSONResponse:
     rt: Runtime | None = getattr(request.app.state, "runtime", None)
     if rt is None:
         return JSONResponse({"status": "loading"}, status_code=503)
-    engine = rt.engine.engine
+    engine, store = rt.engine.engine, rt.sessions.store.status()
     if rt.draining or not engine.alive:
         reason = "shutting down" if rt.draining else engine.dead_reason or "engine not running"
-        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
-    return JSONResponse({"status": "ready", "model": rt.model.name})
+        return JSONResponse({"status": "unavailable", "reason": reason, "session_store": store}, status_code=503)
+    if not store["ok"]:  # new sessions would not survive a restart: take no new work until the store is back
+        return JSONResponse({"status": "unavailable", "reason": f"session store failing: {store['error']}",
+                             "session_store": store}, status_code=503)
+    return JSONResponse({"status": "ready", "model": rt.model.name, "session_store": store})
 
 
 async def metrics(request: Request) -> Response:
@@ -184,16 +217,28 @@ def engine_config(settings: Settings, loaded: LoadedModel) -> EngineConfig:
         log.warning("INFERENCE_MAX_CONTEXT=%d exceeds the model's %d positions: using %d", max_context,
                     loaded.max_position_embeddings, loaded.max_position_embeddings)
         max_context = loaded.max_position_embeddings
+    if settings.max_step_tokens <= settings.max_batch:
+        raise ConfigError(f"INFERENCE_MAX_STEP_TOKENS={settings.max_step_tokens} must exceed INFERENCE_MAX_BATCH="
+                          f"{settings.max_batch}: a step carries a token for every running sequence and room for "
+                          f"prompt tokens")
+    try:
+        resolve_backend(settings.attention, loaded.paged_model.device)
+    except ValueError as exc:
+        raise ConfigError(f"INFERENCE_ATTENTION={settings.attention}: {exc}") from None
     return EngineConfig(max_running=settings.max_batch, max_context=max_context, block_size=settings.kv_block_size,
                         kv_cache_bytes=kv_cache_bytes(settings, loaded.paged_model, max_context),
-                        prefill_chunk=settings.prefill_chunk, max_queue=settings.max_queue,
+                        prefill_chunk=settings.prefill_chunk, max_step_tokens=settings.max_step_tokens,
+                        attention=settings.attention, max_queue=settings.max_queue,
                         cuda_graphs=settings.cuda_graphs == "on")
 
 
-async def _expire_sessions(sessions: SessionStore) -> None:
+async def _expire_sessions(sessions: SessionRegistry) -> None:
     while True:
         await asyncio.sleep(min(60.0, sessions.idle_timeout_s / 2))
-        sessions.expire_idle()
+        try:
+            await sessions.maintain()
+        except Exception:  # never let the expiry loop die
+            log.exception("session maintenance failed")
 
 
 def build_runtime(settings: Settings, loaded: LoadedModel) -> Runtime:
@@ -207,8 +252,15 @@ def build_runtime(settings: Settings, loaded: LoadedModel) -> Runtime:
     engine = Engine(loaded.paged_model, engine_config(settings, loaded))
     engine.on_step = metrics_.on_step
     max_token_chars(loaded.tokenizer)  # computed once here, not by the first request
-    sessions = SessionStore(settings.max_sessions, settings.session_idle_timeout_s,
-                            on_remove=lambda session: engine.release_session(session.session_id))
+    store = SessionStore.open(settings.session_store, max_bytes=settings.session_max_bytes,
+                              idle_s=settings.session_idle_timeout_s)
+    store.on_write = metrics_.store_write.observe
+    log.info("session store: %s", store.name)
+    sessions = SessionRegistry(store, settings.max_sessions, settings.session_idle_timeout_s,
+                               replica_id=settings.replica_id, replay_bytes=settings.resume_buffer_bytes,
+                               replay_keep_s=settings.resume_grace_s,
+                               on_remove=lambda session: engine.release_session(session.session_id))
+    sessions.on_lost_task = metrics_.lost_tasks.inc
     return Runtime(settings, loaded, AsyncEngine(engine), sessions, keys, TicketBook(settings.ticket_ttl_s),
                    RateLimiter(settings.rate_limit_per_min), metrics_, grammar_compiler(settings, loaded))
 
@@ -260,7 +312,7 @@ def create_app(settings: Settings | None = None, *,
         setup_logging(settings)
         loaded = await asyncio.to_thread(loader, settings)
         rt = build_runtime(settings, loaded)
-        rt.engine.engine.start()
+        await asyncio.to_thread(rt.engine.engine.start)  # captures the decode graphs (CUDA) before /ready
         app.state.runtime = rt
         app.state.dispatcher = Dispatcher(METHODS, observe=rt.metrics.count, max_batch=settings.rpc_max_batch,
                                           max_values=settings.max_json_values, offload=off_loop)
@@ -271,10 +323,13 @@ def create_app(settings: Settings | None = None, *,
         finally:
             expiry.cancel()
             await rt.sessions.close_all()
+            await rt.sessions.store.close()  # the last writes (each task's end) land before the process exits
             await asyncio.to_thread(rt.engine.engine.stop)
             log.info("stopped")
 
     middleware = [Middleware(HostGuard, allowed=settings.allowed_hosts, bind_host=settings.host)]
+    if settings.replica_id:
+        middleware.append(Middleware(ReplicaHeader, replica_id=settings.replica_id))
     return Starlette(routes=[
         Route("/create_session", create_session, methods=["POST"]),
         Route("/auth/ticket", issue_ticket, methods=["POST"]),

@@ -1,7 +1,6 @@
 """Process-wide pieces: settings from env/.env, logging, model + tokenizer loading, the runtime state."""
 from __future__ import annotations
 
-import contextvars
 import logging
 import logging.handlers
 import math
@@ -14,11 +13,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from log_context import session_var, task_var  # noqa: F401 (the log filter reads them; tests import them here)
+from store_backends import check_url
+
 if TYPE_CHECKING:  # heavy imports happen inside load_model, never at import time
     from auth import ApiKeys, RateLimiter, TicketBook
     from engine import AsyncEngine
     from metrics import Metrics
-    from tasks import SessionStore
+    from sessions import SessionRegistry
 
 log = logging.getLogger("inference")
 DOWNLOAD_HINT = "python scripts/download_14b_model.py"
@@ -70,6 +72,13 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+def _replica(raw: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", raw.strip()):
+        raise ValueError("use 1-32 lowercase letters, digits, _ or -, starting with a letter or digit (it names "
+                         "the HAProxy server of this replica)")
+    return raw.strip()
+
+
 def _list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
@@ -115,7 +124,14 @@ class Settings:
                                   "KV cache size in GiB (0 = auto: most of the free GPU memory)")
     kv_block_size: int = _setting("INFERENCE_KV_BLOCK_SIZE", _int(1, 4096), 64, "tokens per KV-cache block")
     prefill_chunk: int = _setting("INFERENCE_PREFILL_CHUNK", _int(1), 2048,
-                                  "prompt tokens per prefill step (several prompts can share one)")
+                                  "prompt tokens of one sequence per step (longer prompts are chunked); a step's "
+                                  "prompt budget when no sequence is decoding")
+    max_step_tokens: int = _setting("INFERENCE_MAX_STEP_TOKENS", _int(2), 128,
+                                    "tokens per step while sequences decode: one for each of them, prompt chunks in "
+                                    "the rest (must exceed INFERENCE_MAX_BATCH)")
+    attention: str = _setting("INFERENCE_ATTENTION", _choice("auto", "paged", "reference"), "auto",
+                              "paged (Triton kernels reading the KV pool in place), reference (gather + SDPA); "
+                              "auto = paged on CUDA, reference on the CPU")
     cuda_graphs: str = _setting("INFERENCE_CUDA_GRAPHS", _choice("on", "off"), "on",
                                 "replay decode steps as CUDA graphs (on CUDA)")
     max_queue: int = _setting("INFERENCE_MAX_QUEUE", _int(1), 256, "requests waiting for a batch slot")
@@ -132,6 +148,20 @@ class Settings:
     session_idle_timeout_s: float = _setting("INFERENCE_SESSION_IDLE_TIMEOUT_S", _float(1.0), 3600.0,
                                              "idle sessions are deleted after this long")
     max_sessions: int = _setting("INFERENCE_MAX_SESSIONS", _int(1), 10000, "sessions alive at once")
+    # durable sessions, resumable streams, replicas
+    session_store: str = _setting("INFERENCE_SESSION_STORE", check_url, "sqlite:///sessions.db",
+                                  "where sessions are kept: sqlite:///path.db (this server; relative to the working "
+                                  "directory), redis://host:port/db (shared by replicas), or memory (lost on restart)")
+    session_max_bytes: int = _setting("INFERENCE_SESSION_MAX_BYTES", _int(4096), 32 * 2**20,
+                                      "largest stored session (its conversation and tools as JSON)")
+    resume_grace_s: float = _setting("INFERENCE_RESUME_GRACE_S", _float(0.0), 30.0,
+                                     "a task whose socket dropped runs on this long, buffering, for the client to "
+                                     "reconnect with ?resume_from=; 0 = cancel it at once")
+    resume_buffer_bytes: int = _setting("INFERENCE_RESUME_BUFFER_BYTES", _int(4096), 2**20,
+                                        "notifications kept per session for a resuming client (JSON bytes)")
+    replica_id: str = _setting("INFERENCE_REPLICA_ID", _replica, "",
+                               "this replica's name (HAProxy's server name): session ids begin with it, so the "
+                               "proxy routes each session back here; empty = plain uuid session ids")
     ws_max_message_bytes: int = _setting("INFERENCE_WS_MAX_MESSAGE_BYTES", _int(1024), 16 * 2**20,
                                          "largest WebSocket message (and HTTP body) accepted")
     ws_send_queue: int = _setting("INFERENCE_WS_SEND_QUEUE", _int(16), 4096,
@@ -197,6 +227,10 @@ class Settings:
                 kwargs[f.name] = f.metadata["parse"](raw)
             except ValueError as exc:
                 problems.append(f"{f.metadata['env']}={raw!r} is invalid: {exc}")
+        step_tokens = kwargs.get("max_step_tokens", cls.max_step_tokens)
+        if not problems and step_tokens <= kwargs.get("max_batch", cls.max_batch):
+            problems.append(f"INFERENCE_MAX_STEP_TOKENS={step_tokens} must exceed INFERENCE_MAX_BATCH (a step carries "
+                            f"a token for every running sequence and room for prompt tokens)")
         if problems:
             raise ConfigError("; ".join(problems))
         return cls(**kwargs)
@@ -223,10 +257,6 @@ def check_model_source(settings: Settings) -> None:
 
 
 # ---- logging -----------------------------------------------------------------------------------------------
-session_var: contextvars.ContextVar[str] = contextvars.ContextVar("session_id", default="-")
-task_var: contextvars.ContextVar[str] = contextvars.ContextVar("task_id", default="-")
-
-
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.session_id = session_var.get()
@@ -409,17 +439,13 @@ def load_model(settings: Settings) -> LoadedModel:
 
 
 def kv_cache_bytes(settings: Settings, paged_model: Any, max_context: int) -> int:
-    """Bytes for the KV pool: the configured size, else most of the free GPU memory, else enough on a CPU."""
+    """Bytes for the KV pool: the configured size; else, on CUDA, 0 (auto: ``engine.memory`` sizes it from the free
+    memory once the largest step and the decode graphs are measured); else enough on a CPU."""
     if settings.kv_cache_gb > 0:
         return int(settings.kv_cache_gb * 2**30)
     per_token = paged_model.kv_bytes_per_token()
     if str(paged_model.device).startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()  # the allocator still caches what loading and the NF4 self-check freed
-        free, _total = torch.cuda.mem_get_info()
-        headroom = 3 * 2**30  # activations, logits, sampler buffers, CUDA graphs
-        return max(int((free - headroom) * 0.9), max_context * per_token)
+        return 0  # the engine measures its largest step and its decode graphs, then takes most of what is free
     return min(4 * 2**30, max(max_context * per_token, max_context * per_token * min(settings.max_batch, 8)))
 
 
@@ -431,7 +457,7 @@ class Runtime:
     settings: Settings
     model: LoadedModel
     engine: AsyncEngine
-    sessions: SessionStore
+    sessions: SessionRegistry
     keys: ApiKeys
     tickets: TicketBook
     limiter: RateLimiter

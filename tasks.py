@@ -1,6 +1,7 @@
-"""Sessions and tasks: their state, ownership of the conversation, tool-result hand-off, cancellation,
-expiry. A task is one ``generate`` call; everything it holds is released in ``Task._ended``, the done-callback
-of its asyncio task, which runs exactly once whatever happens (even a cancel before the task's first step)."""
+"""Sessions and tasks: their state, ownership of the conversation, numbered notifications, tool-result hand-off,
+cancellation. A task is one ``generate`` call; everything it holds is released in ``Task._ended``, the
+done-callback of its asyncio task, which runs exactly once whatever happens (even a cancel before the task's
+first step). The live sessions of the process, and their durable copies, are ``sessions.py``'s."""
 from __future__ import annotations
 
 import asyncio
@@ -10,8 +11,6 @@ import json
 import logging
 import secrets
 import time
-import uuid
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,14 +19,16 @@ from pydantic import BaseModel
 
 from engine import RequestStream, SamplingParams
 from grammars import TurnGrammars
-from jsonrpc import RpcError, clip, notification
-from models import (EndParams, ErrorCode, ErrorNotificationParams, JsonRpcError, ToolCallRequest, ToolDefinition,
-                    ToolResultItem, Usage)
-from shared import task_var
+from jsonrpc import RpcError, clip, encode
+from log_context import task_var
+from models import (EndParams, ErrorCode, ErrorNotificationParams, FunctionCallRequestParams, JsonRpcError,
+                    ToolCallRequest, ToolDefinition, ToolResultItem, Usage)
+from resume import ReplayBuffer
+from session_store import committed
 
 log = logging.getLogger("inference.tasks")
 
-Emitter = Callable[[dict[str, Any]], None]  # puts one outgoing JSON-RPC message on a connection
+Emitter = Callable[[str, int], None]  # puts one encoded JSON-RPC message (text, bytes) on a connection
 
 
 def new_id(prefix: str) -> str:
@@ -56,19 +57,58 @@ class Session:
     quota: str = ""  # whose session count it counts against: the key id, or the client address without keys
     messages: list[dict[str, Any]] = field(default_factory=list)  # the conversation, chat-template shaped
     active_task: Task | None = None
-    emitter: Emitter | None = None  # the attached WebSocket's sender, if any
+    connection: Any = None  # the attached WebSocket's connection, if any
+    emitter: Emitter | None = None  # ...and its sender
     last_active: float = field(default_factory=time.monotonic)
+    # numbered notifications, kept for a client that resumes (see resume.py)
+    seq: int = 0  # the last notification number handed out
+    replay: ReplayBuffer = field(default_factory=lambda: ReplayBuffer(2**20))
+    grace: asyncio.TimerHandle | None = None  # cancels the task of a socket that dropped, unless it resumes
+    replay_keep_s: float = 0.0  # how long a finished task's notifications stay for a resuming client
+    # the durable copy (sessions.py writes it; session_store.SessionRecord is its shape)
+    created_at: float = field(default_factory=time.time)
+    version: int = 0  # writes so far
+    synced: int = 0  # leading messages the store holds unchanged: the next write starts there
+    tools_json: list[dict[str, Any]] | None = None  # ``tools`` as stored (dumped once, off the event loop)
+    stored_task: dict[str, Any] | None = None  # the running task as stored: {"task_id", "base"}
+    lost_task: str | None = None  # a task the store says was running when its process died
+    too_large: bool = False  # the last write was refused: larger than the store allows
+    saver: Callable[[Session], asyncio.Future[Any] | None] | None = None
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
 
-    def emit(self, method: str, params: BaseModel) -> None:
-        if self.emitter is not None:
-            self.emitter(notification(method, params))
+    def emit(self, method: str, params: BaseModel) -> int:
+        return self.emit_raw(method, params.model_dump(mode="json"))
 
-    def emit_raw(self, method: str, params: dict[str, Any]) -> None:
+    def emit_raw(self, method: str, params: dict[str, Any]) -> int:
+        """Number a notification, keep it for resuming clients, send it to the attached socket; its seq."""
+        self.seq += 1
+        params["seq"] = self.seq
+        text, size = encode({"jsonrpc": "2.0", "method": method, "params": params})
+        self.replay.add(self.seq, text, size)
         if self.emitter is not None:
-            self.emitter({"jsonrpc": "2.0", "method": method, "params": params})
+            self.emitter(text, size)
+        return self.seq
+
+    def forget_replay_later(self) -> None:
+        """A task ended: its notifications go ``replay_keep_s`` later, unless another task has begun by then."""
+        seq = self.seq
+
+        def forget() -> None:
+            if self.active_task is None and self.seq == seq:
+                self.replay.clear(seq)
+        asyncio.get_running_loop().call_later(self.replay_keep_s, forget)
+
+    def save(self) -> asyncio.Future[Any] | None:
+        """Write the session to the store (in order with its earlier writes; never waits)."""
+        return None if self.saver is None else self.saver(self)
+
+    async def save_durably(self) -> None:
+        """Write the session and wait (up to session_store.WAIT_S) until the store has it: what a client is told
+        next survives this process. A failing store is logged and shown in /ready; the task goes on regardless."""
+        if problem := await committed(self.save()):
+            log.warning("the conversation was not stored (%s); going on", clip(problem, 200))
 
 
 @dataclass
@@ -83,9 +123,11 @@ class Task:
 
     def __init__(self, session: Session, tools: list[ToolDefinition], params: SamplingParams,
                  stop: list[str], stream: RequestStream | None = None,
-                 on_error: Callable[[int], None] | None = None, turns: TurnGrammars | None = None) -> None:
+                 on_error: Callable[[int], None] | None = None, base: int = 0,
+                 turns: TurnGrammars | None = None) -> None:
         self.task_id = new_id("task-")
         self.session = session
+        self.base = base  # messages of the conversation before this task's own (its user message) begin
         self.tools = tools
         self.params = params
         self.turns = turns or TurnGrammars()  # the grammars of its model calls (structured outputs)
@@ -103,9 +145,15 @@ class Task:
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
         self.on_error = on_error
+        self.calls_request: FunctionCallRequestParams | None = None  # the tool calls waiting for results
+        self.calls_seq = 0  # ...and the seq they were sent with
 
-    def emit(self, method: str, params: BaseModel) -> None:
-        self.session.emit(method, params)
+    def emit(self, method: str, params: BaseModel) -> int:
+        return self.session.emit(method, params)
+
+    def request_tools(self, request: FunctionCallRequestParams) -> None:
+        """Send ``function_call_request``; kept to send again to a client that resumes after missing it."""
+        self.calls_request, self.calls_seq = request, self.emit("function_call_request", request)
 
     def start(self, body: Callable[[Task], Any]) -> None:
         """Run ``body(task)`` (the turn loop) as an asyncio task.
@@ -114,6 +162,10 @@ class Task:
         its first step never enters ``run`` at all, but its done-callbacks always run, exactly once.
         """
         self.session.active_task = self
+        # stored with the conversation: a process that finds it there after a crash knows this task was lost,
+        # and where the conversation stood before it (``base``: a retry starts from there)
+        self.session.stored_task = {"task_id": self.task_id, "base": self.base}
+        self.session.save()
         context = contextvars.copy_context()
         context.run(task_var.set, self.task_id)
         self._aio = asyncio.get_running_loop().create_task(self.run(body), name=self.task_id, context=context)
@@ -158,6 +210,9 @@ class Task:
                                    finish_reason=reason, usage=self.usage))
         if self.session.active_task is self:
             self.session.active_task = None
+        self.session.stored_task = None
+        self.session.save()
+        self.session.forget_replay_later()
         self.session.touch()
         self._closed.set()
         ttft = f"{(self.first_token_at - self.started) * 1000:.0f} ms" if self.first_token_at else "-"
@@ -184,6 +239,7 @@ class Task:
                               f"no tool_result for {len(self.unanswered)} tool call(s) within {timeout:g} s") from None
         self.status = TaskStatus.GENERATING
         answered, self.pending = self.pending, []
+        self.calls_request = None
         return answered
 
     @property
@@ -240,65 +296,3 @@ def tool_message(call: ToolCallRequest, item: ToolResultItem, content: str | Non
     """The chat-template message for one tool result (``content``: ``tool_content(item)``, if known)."""
     return {"role": "tool", "content": tool_content(item) if content is None else content,
             "tool_call_id": call.call_id, "name": call.tool}
-
-
-class SessionStore:
-    """All sessions; idle ones (no task, no socket) expire and release their warm KV cache."""
-
-    def __init__(self, max_sessions: int, idle_timeout_s: float,
-                 on_remove: Callable[[Session], None] = lambda s: None) -> None:
-        self.sessions: dict[str, Session] = {}
-        self.per_quota: Counter[str] = Counter()  # live sessions per key (or per client address without keys)
-        self.max_sessions = max_sessions
-        self.idle_timeout_s = idle_timeout_s
-        self.on_remove = on_remove
-
-    def __len__(self) -> int:
-        return len(self.sessions)
-
-    def create(self, tools: list[ToolDefinition], owner: str = "anonymous", per_owner: int | None = None,
-               quota: str | None = None) -> Session:
-        """A new session of ``owner``, counted against ``quota`` (default: the owner): at most ``per_owner``
-        each. Without keys every client is the owner "anonymous", so the quota is the client's address."""
-        self.expire_idle()
-        quota = quota or owner
-        if len(self.sessions) >= self.max_sessions:
-            raise RpcError(ErrorCode.OVERLOADED, f"session limit reached ({self.max_sessions})")
-        if per_owner is not None and self.per_quota[quota] >= per_owner:
-            who = "client address" if quota.startswith("addr:") else "key"
-            raise RpcError(ErrorCode.RATE_LIMITED, f"this {who} already has {per_owner} sessions")
-        session = Session(str(uuid.uuid4()), tools, owner, quota=quota)  # 122 random bits, the seed's uuid shape
-        self.sessions[session.session_id] = session
-        self.per_quota[quota] += 1
-        return session
-
-    def get(self, session_id: str) -> Session | None:
-        return self.sessions.get(session_id)
-
-    def remove(self, session: Session) -> None:
-        if self.sessions.pop(session.session_id, None) is not None:
-            self.per_quota[session.quota or session.owner] -= 1
-            if self.per_quota[session.quota or session.owner] <= 0:
-                del self.per_quota[session.quota or session.owner]
-            if session.active_task is not None:
-                session.active_task.cancel()
-            self.on_remove(session)
-
-    def expire_idle(self, now: float | None = None) -> int:
-        now = time.monotonic() if now is None else now
-        idle = [s for s in self.sessions.values() if s.active_task is None and s.emitter is None
-                and now - s.last_active > self.idle_timeout_s]
-        for session in idle:
-            log.info("session %s expired after %.0f s idle", session.session_id, now - session.last_active)
-            self.remove(session)
-        return len(idle)
-
-    @property
-    def active_tasks(self) -> list[Task]:
-        return [s.active_task for s in self.sessions.values() if s.active_task is not None]
-
-    async def close_all(self) -> None:
-        tasks = self.active_tasks
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*(t.wait() for t in tasks))

@@ -438,6 +438,8 @@ async def generate_interactive_stream_ws(task: Task, rt: Runtime) -> str:
         texts.append(separator + turn.text if turn.text else "")
         if not turn.calls:
             session.messages.append(assistant_message(turn.text))
+            session.stored_task = None  # the task's work is in the conversation: nothing to roll back any more
+            await session.save_durably()  # a client that reads final_text can count on the conversation
             task.emit("final_text", FinalTextParams(session_id=session.session_id, task_id=task.task_id,
                                                     final_text="".join(texts)))
             return turn.finish_reason.value
@@ -453,8 +455,10 @@ async def generate_interactive_stream_ws(task: Task, rt: Runtime) -> str:
                 session.messages.extend(correction_message(c, e) for c, e in zip(calls, errors))
                 continue
             calls = [c.model_copy(update={"validation_error": e}) if e else c for c, e in zip(calls, errors)]
-        task.emit("function_call_request", FunctionCallRequestParams(
-            session_id=session.session_id, task_id=task.task_id, tool_calls=calls))
+        await session.save_durably()  # the calls are stored before the client runs them
+        task.request_tools(FunctionCallRequestParams(session_id=session.session_id, task_id=task.task_id,
+                                                     tool_calls=calls))
         log.info("tool calls: %s", ", ".join(clip(c.tool, 100) for c in calls))
         answered = await task.await_tool_results(calls, rt.settings.tool_result_timeout_s)
         session.messages.extend(tool_message(p.request, p.result, p.content) for p in answered)
+        session.save()

@@ -13,16 +13,18 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from engine.attention import resolve_backend, self_check
 from engine.block_manager import BlockManager
+from engine.memory import auto_kv_cache_bytes
 from engine.model_runner import ModelRunner, PagedModel
 from engine.request import EventSink, FinishReason, Request, RequestStatus, SamplingParams, TokenEvent
 from engine.sampler import Sampler
-from engine.structured import MaskBatch, masked_logits
+from engine.structured import MaskBatch, unpack_bitmask
 from engine.scheduler import Scheduler, Step
 
 log = logging.getLogger(__name__)
@@ -52,12 +54,32 @@ class EngineConfig:
     max_running: int = 32  # sequences decoded together in one step
     max_context: int = 4096  # prompt + generated tokens of one sequence
     block_size: int = 64
-    kv_cache_bytes: int = 1 << 30  # KV pool size, unless num_blocks is given
+    kv_cache_bytes: int = 1 << 30  # KV pool size, unless num_blocks is given; 0 = what CUDA has free (measured)
     num_blocks: int = 0
-    prefill_chunk: int = 2048  # prompt tokens per prefill step (all its requests together, padding included)
+    prefill_chunk: int = 2048  # prompt tokens of one sequence per step; a step's budget when nothing decodes
+    max_step_tokens: int = 128  # tokens per step while sequences decode: theirs, then prompt chunks
+    mixed_steps: bool = True  # prompt chunks ride along with decodes (False: prefill and decode steps alternate)
+    attention: str = "auto"  # paged (Triton kernels), reference (gather + SDPA), auto: paged where it runs
     max_queue: int = 256  # requests waiting for a slot before submit() refuses more
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs (on CUDA devices)
     static_decode: bool = False  # CPU tests: run decode through the padded static buffers graphs use
+
+    def __post_init__(self) -> None:
+        if self.mixed_steps and self.max_step_tokens <= self.max_running:
+            raise ValueError(f"max_step_tokens ({self.max_step_tokens}) must exceed max_running ({self.max_running}): "
+                             f"a step carries a decode token for every running sequence and room for prompt tokens")
+        if self.prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be >= 1")
+
+
+@dataclass
+class StepStats:
+    """Where the engine thread's time goes (the benchmark reads and resets these)."""
+
+    steps: int = 0
+    seconds: float = 0.0  # whole steps
+    host_seconds: float = 0.0  # scheduling, building and sending the inputs, and postprocessing
+    by_kind: dict[str, int] = field(default_factory=dict)
 
 
 class Engine:
@@ -65,18 +87,29 @@ class Engine:
         self.model = model
         self.config = config
         bs = config.block_size
-        num_blocks = config.num_blocks or config.kv_cache_bytes // (model.kv_bytes_per_token() * bs) + 1
+        self.attention = resolve_backend(config.attention, model.device)
+        if self.attention == "paged" and model.device.type == "cuda":
+            self._verify_paged_attention()
+        step_tokens = max(config.max_step_tokens, config.prefill_chunk)
+        self.sampler = Sampler(model.vocab_size, config.max_running, model.device)
+        self.masks = MaskBatch(model.vocab_size, config.max_running, model.device)  # rows with a grammar
+        kv_bytes = config.kv_cache_bytes
+        if not config.num_blocks and not kv_bytes:  # auto: measure the largest step and the graphs, then size
+            if model.device.type != "cuda":
+                raise ValueError("kv_cache_bytes=0 (size the KV cache from free GPU memory) needs a CUDA device")
+            kv_bytes = auto_kv_cache_bytes(model, config.max_running, step_tokens, bs, self.attention)
+        num_blocks = config.num_blocks or kv_bytes // (model.kv_bytes_per_token() * bs) + 1
         self.blocks = BlockManager(num_blocks, bs)
+        self.scheduler = Scheduler(self.blocks, config.max_running, config.prefill_chunk, config.max_step_tokens,
+                                   config.mixed_steps)
         self.max_context = min(config.max_context, self.blocks.num_usable * bs)
         if self.max_context < config.max_context:
             log.warning("KV cache holds %d tokens: max context lowered from %d", self.max_context,
                         config.max_context)
         self.runner = ModelRunner(model, self.blocks, max_blocks_per_seq=self.blocks.blocks_for(self.max_context),
-                                  max_batch=config.max_running, cuda_graphs=config.cuda_graphs,
+                                  max_rows=config.max_running, max_step_tokens=step_tokens,
+                                  attention=self.attention, cuda_graphs=config.cuda_graphs,
                                   static_decode=config.static_decode)
-        self.scheduler = Scheduler(self.blocks, config.max_running, config.prefill_chunk)
-        self.sampler = Sampler(model.vocab_size, config.max_running, model.device)
-        self.masks = MaskBatch(model.vocab_size, config.max_running, model.device)  # rows with a grammar
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._queued = 0
@@ -84,11 +117,19 @@ class Engine:
         self.dead_reason: str | None = None
         self.steps = 0
         self.on_step: Callable[[str, int, float], None] | None = None  # (kind, batch size, seconds), engine thread
-        log.info("engine: %d KV blocks x %d tokens (%.2f GiB), max context %d, max batch %d", num_blocks, bs,
-                 num_blocks * bs * model.kv_bytes_per_token() / 2**30, self.max_context, config.max_running)
+        self.step_stats = StepStats()
+        log.info("engine: %d KV blocks x %d tokens (%.2f GiB), max context %d, max batch %d, %s attention, %s steps",
+                 num_blocks, bs, num_blocks * bs * model.kv_bytes_per_token() / 2**30, self.max_context,
+                 config.max_running, self.attention, "mixed" if config.mixed_steps else "alternating")
 
     # ---- any thread ----------------------------------------------------------------------------------
     def start(self) -> None:
+        """Compile the attention kernels and capture the decode graphs (CUDA, paged attention: all of them, now,
+        before anything is served), then start the engine thread."""
+        if self.attention == "paged" and self.model.device.type == "cuda":
+            self._warm_up()
+        if self.runner.graphs is not None:
+            self.runner.graphs.capture_all()
         # The engine thread needs the GIL back quickly between forward passes while the event loop streams
         # tokens; the default 5 ms switch interval can cost that much per step (measured: halves the
         # transport overhead per token on a CPU).
@@ -96,6 +137,33 @@ class Engine:
             sys.setswitchinterval(0.001)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
+
+    def _verify_paged_attention(self) -> None:
+        """Self-check the kernels on this GPU against the reference, on the model's shapes (before anything else runs
+        them: the KV sizing's profile does); fall back to the reference path, with a log line saying why, rather
+        than serve from kernels that fail or disagree."""
+        shape = getattr(self.model, "attention_shape", None)
+        why = self_check(*shape(), self.config.block_size, self.model.device) if shape is not None else None
+        if why is None:
+            log.info("paged attention: self-check passed")
+        else:
+            self._fall_back_to_reference(why)
+
+    def _warm_up(self) -> None:
+        """Compile the kernels of the step shapes graph capture does not run (so no request waits for a compile)."""
+        try:
+            self.runner.warm_up()
+        except Exception as exc:
+            self._fall_back_to_reference(f"warm-up failed: {type(exc).__name__}: {exc}")
+
+    def _fall_back_to_reference(self, why: str) -> None:
+        log.warning("paged attention not used (%s): falling back to the reference path", why)
+        self.attention = "reference"
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.attention = "reference"
+            if runner.graphs is not None:
+                runner.graphs.by_context = True
 
     def stop(self, timeout: float = 30.0) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -172,65 +240,79 @@ class Engine:
             elif kind == "release":
                 self.blocks.drop_tail(arg)
 
-    def step(self) -> None:
-        for req in self.scheduler.admit():
+    def admit(self) -> list[Request]:
+        """Give waiting requests rows and KV blocks while they fit, and their rows' device state (engine thread)."""
+        admitted = self.scheduler.admit()
+        for req in admitted:
             if req.queued:  # first admission: what the prompt found in the cache (not a re-admission's)
                 req.cached_tokens = req.num_computed
             self._dequeue(req)
             try:
-                self.sampler.start_row(req.row, req.tokens, req.output_ids)
+                if req.noise_seed is None:
+                    req.noise_seed = req.params.seed if req.params.seed is not None else self.sampler.new_seed()
+                self.runner.start_row(req)
+                self.sampler.start_row(req.row, req.params, req.tokens, req.output_ids, req.noise_seed)
                 if req.params.grammar is not None and req.matcher is None:  # kept across preemption
                     req.matcher = req.params.grammar.matcher()
-                if req.params.seed is not None and req.generator is None:
-                    req.generator = self.sampler.make_generator(req.params.seed)
             except Exception as exc:
                 log.exception("could not start %s", req.request_id)
                 self._finish(req, FinishReason.ERROR, error=f"could not start the request: {exc!r}")
+        return admitted
+
+    def step(self) -> None:
+        started = time.perf_counter()
+        self.admit()
         step, _preempted = self.scheduler.schedule()
         if step is None:
             return
         self.steps += 1
-        sampled = [i for i in range(len(step.requests)) if step.completes(i)]
-        started = time.perf_counter()
+        scheduled = time.perf_counter()
+        sampled = [req for i, req in enumerate(step.requests) if step.completes(i)]
         try:
-            tokens = self._execute(step, sampled)
+            logits, inputs = self.runner.run(step)
+            # Grammar masks are filled on the CPU (llguidance's threads, without the GIL) while the device runs the
+            # step: nothing above waited for it. Rows without a grammar pay nothing; a step without any, not this.
+            bitmask = self.masks.fill([req.matcher for req in sampled]) if sampled else None
+            allowed = unpack_bitmask(bitmask, self.sampler.vocab_size) if bitmask is not None else None
+            # the step's one read from the device: the sampled tokens
+            tokens = self.sampler.sample(logits, inputs.sample_rows, inputs.sample_host_rows, allowed).tolist() \
+                if sampled else []
         except Exception as exc:  # fails this step's requests only; the engine goes on
-            log.exception("forward step failed (%d requests)", len(step.requests))
-            if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
-                torch.cuda.empty_cache()  # give back what the failed step held before the next one
-            for req in step.requests:
-                self._finish(req, FinishReason.ERROR, error=f"generation failed: {exc!r}")
+            self._step_failed(step, exc)
             return
+        computed = time.perf_counter()
+        for req, count in zip(step.requests, step.counts):
+            req.num_computed += count
+            self.blocks.on_computed(req)
+        for req, token in zip(sampled, tokens):
+            self._append(req, token)
+        done = time.perf_counter()
+        self._account(step, started, scheduled, computed, done)
+
+    def _step_failed(self, step: Step, exc: Exception) -> None:
+        """A failed mixed step fails its prompt chunks' requests (the likely cause: a big chunk running out of
+        memory) and leaves its decodes to run again next step, unchanged (nothing of the step was kept); a step of
+        decodes only, or of prompts only, fails all its requests."""
+        log.exception("forward step failed (%d requests)", len(step.requests))
+        if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # give back what the failed step held before the next one
+        decodes = {id(r) for r, n in zip(step.requests, step.counts) if n == r.num_pending == 1}
+        mixed = 0 < len(decodes) < len(step.requests)
+        for req in step.requests:
+            if not (mixed and id(req) in decodes):
+                self._finish(req, FinishReason.ERROR, error=f"generation failed: {exc!r}")
+
+    def _account(self, step: Step, started: float, scheduled: float, computed: float, done: float) -> None:
+        stats = self.step_stats
+        stats.steps += 1
+        stats.seconds += done - started
+        stats.host_seconds += (scheduled - started) + self.runner.last_prepare_seconds + (done - computed)
+        stats.by_kind[step.kind] = stats.by_kind.get(step.kind, 0) + 1
         if self.on_step is not None:
             try:
-                self.on_step("prefill" if step.is_prefill else "decode", len(step.requests),
-                             time.perf_counter() - started)
+                self.on_step(step.kind, len(step.requests), done - started)
             except Exception:
                 log.exception("on_step hook failed")
-        for i, req in enumerate(step.requests):
-            req.num_computed += step.tokens_of(i)
-            self.blocks.on_computed(req)
-        for i, token in zip(sampled, tokens):
-            self._append(step.requests[i], token)
-
-    def _execute(self, step: Step, sampled: list[int]) -> list[int]:
-        reqs = step.requests
-        if step.is_prefill:
-            logits = self.runner.prefill(reqs, step.counts)
-        else:
-            logits = self.runner.decode(reqs)
-        if not sampled:
-            return []
-        if len(sampled) < len(reqs):
-            logits = logits[sampled]
-        rows = [reqs[i] for i in sampled]
-        # Grammar masks are filled on the CPU (llguidance's threads, no GIL) while the device still runs the
-        # step: nothing above waited for it. Rows without a grammar pay nothing; a step without any, not even this.
-        bitmask = self.masks.fill([r.matcher for r in rows])
-        if bitmask is not None:
-            logits = masked_logits(logits, bitmask)
-        return self.sampler.sample(logits, [r.row for r in rows], [r.params for r in rows],
-                                   [r.generator for r in rows])
 
     def _append(self, req: Request, token: int) -> None:
         params = req.params

@@ -104,7 +104,7 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)  # chain hashes of the full blocks computed so far
     row: int = -1  # index into per-sequence device buffers while running
     queued: bool = True  # submitted and not yet admitted once (counts against the queue bound)
-    generator: Any = None  # torch.Generator of a seeded request, kept across preemption
+    noise_seed: int | None = None  # the sampler's seed (params.seed or drawn at admission), kept across preemption
     max_tokens: int = 0  # hard cap on len(tokens): prompt + new tokens, bounded by the context
     matcher: Any = None  # engine.structured.RowMatcher of a request with a grammar: where its output is in it
     cache_salt: str = ""  # prefix-cache blocks are shared only between requests with the same salt (the API key)

@@ -83,7 +83,8 @@ def quantize_nf4(model: torch.nn.Module, compute_dtype: torch.dtype, device: str
     return count
 
 
-def build_random(size: str, device: str, nf4: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
+def build_random(size: str, device: str, nf4: bool,
+                 interpreted: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
@@ -94,7 +95,7 @@ def build_random(size: str, device: str, nf4: bool) -> tuple[torch.nn.Module, di
     from shared import cpu_dtype
 
     dtype = torch.bfloat16 if device == "cuda" else getattr(torch, cpu_dtype())
-    if nf4 and device == "cpu":  # the CPU dry run: Triton's interpreter gets bfloat16 tl.dot wrong
+    if (nf4 or interpreted) and device == "cpu":  # the CPU dry run: Triton's interpreter gets bfloat16 tl.dot wrong
         dtype = torch.float32
     started = time.perf_counter()
     with torch.device(device):
@@ -177,10 +178,10 @@ class Stream:
 
 def compile_events(engine: Engine) -> int:
     """Triton compiles and CUDA-graph captures so far: a timed run that adds to them timed a compile too."""
-    from engine import nf4
+    from engine import attention, nf4
 
     graphs = engine.runner.graphs
-    return nf4.compile_count() + len(getattr(graphs, "graphs", None) or {})
+    return nf4.compile_count() + attention.compile_count() + len(getattr(graphs, "graphs", None) or {})
 
 
 class CompiledWhileTimed(RuntimeError):
@@ -408,6 +409,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server", action="store_true", help="also measure the whole server path over WebSockets")
     p.add_argument("--server-streams", type=int, default=8)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--context-sweep", action="store_true", help="Engine II: decode over batch x context for paged "
+                   "and reference attention, and inter-token latency while prompts arrive (mixed vs alternating); "
+                   "runs only this section")
+    p.add_argument("--sweep-batches", default=None, help="comma-separated (default 1,8,32)")
+    p.add_argument("--sweep-contexts", default=None, help="comma-separated (default 1024,8192,32768)")
+    p.add_argument("--sweep-steps", type=int, default=16, help="timed decode steps per point")
+    p.add_argument("--attention-modes", default=None, help="comma-separated, e.g. paged,reference (default: both "
+                   "where the kernels run compiled, else reference)")
+    p.add_argument("--itl-streams", type=int, default=16)
+    p.add_argument("--itl-prompts", type=int, default=4)
+    p.add_argument("--itl-prompt-len", type=int, default=8192)
+    p.add_argument("--itl-context", type=int, default=1024, help="context of the running streams")
+    p.add_argument("--max-step-tokens", type=int, default=128, help="the engine's step budget while sequences decode")
+    p.add_argument("--itl-step-tokens", default=None, help="comma-separated budgets of the mixed-steps latency "
+                   "runs (default 128,512)")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--ws-client", help=argparse.SUPPRESS)  # internal: run the WebSocket clients against this URL
     p.add_argument("--texts", help=argparse.SUPPRESS)
@@ -415,6 +431,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     args.size = args.size or ("14b" if cuda else "tiny")
     args.streams = [int(s) for s in (args.streams or ("1,8,32,64" if cuda else "1,8")).split(",")]
+    args.sweep_batches = [int(s) for s in (args.sweep_batches or "1,8,32").split(",")]
+    args.sweep_contexts = [int(s) for s in (args.sweep_contexts or "1024,8192,32768").split(",")]
+    args.attention_modes = args.attention_modes.split(",") if args.attention_modes else None
+    args.itl_step_tokens = [int(s) for s in (args.itl_step_tokens or "128,512").split(",")]
     return args
 
 
@@ -450,7 +470,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.model:
         hf_model, info, loaded = load_checkpoint(args.model)
     else:
-        hf_model, info = build_random(args.size, "cuda" if cuda else "cpu", nf4=cuda or args.nf4_on_cpu)
+        hf_model, info = build_random(args.size, "cuda" if cuda else "cpu", nf4=cuda or args.nf4_on_cpu,
+                                      interpreted="paged" in (args.attention_modes or ()))
     out["model"] = info
     if cuda:
         out["gpu_memory_weights_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
@@ -465,6 +486,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log(f"{name} failed:\n{traceback.format_exc()}")
             return None
 
+    if args.context_sweep:
+        section("context_sweep", lambda: sweep(paged, hf_model, args, out, section))
+        return finish(args, out)
     seed = None
     if args.baseline_requests:
         log(f"seed design: model.generate, {args.baseline_requests} requests, serially")
@@ -491,7 +515,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.server:
         log(f"server path: {args.server_streams} streams over WebSockets")
         out["server"] = section("server", lambda: server_section(hf_model, paged, args, loaded))
-    if cuda:
+    return finish(args, out)
+
+
+def sweep(paged: PagedQwen2, hf_model: torch.nn.Module, args: argparse.Namespace, out: dict[str, Any],
+          section: Any) -> None:
+    """``--context-sweep`` (scripts/bench_context.py), with the NF4 kernels the server would pick."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_context", Path(__file__).with_name("bench_context.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if torch.cuda.is_available() or args.nf4_on_cpu:
+        args.nf4_kernel = "triton"
+        nf4_kernels(paged, args, True, out)
+    def save(partial: dict[str, Any]) -> None:  # a step stopped at its time limit still leaves what finished
+        out["context_sweep"] = partial
+        if args.out:
+            Path(args.out).write_text(json.dumps(out, indent=1))
+
+    module.context_sweep(paged, hf_model, args, lambda e: compile_events(e), section, log, save)
+
+
+def finish(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
+    """Print the JSON (and write it to --out)."""
+    if torch.cuda.is_available():
         out["gpu_memory_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     text = json.dumps(out, indent=1)
     print(text, flush=True)

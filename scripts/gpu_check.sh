@@ -7,6 +7,10 @@
 #   The plan:     PLAN_ONLY=1 bash scripts/gpu_check.sh
 #
 # Steps (STEPS picks them, default "imports tests nf4 bench"; "tune" sweeps kernel configs and is not default).
+# Engine II (paged attention, mixed steps) in one more command:  STEPS="imports attention sweep" (under 540 s):
+# "attention" runs the attention kernels' tests compiled (bf16 too) and the graph/paged-vs-reference GPU tests;
+# "sweep" runs `bench.py --context-sweep` on the 14B shape: decode over batch {1,8,32} x context {1K,8K,32K} for
+# paged and reference attention, and inter-token latency while 8K-token prompts arrive, mixed vs alternating.
 # Each step has a time budget (its *_TIMEOUT); the defaults add up to under 540 s so that one 600-s device
 # command runs them all with time left to copy the results. After each step its results JSON is printed, so a
 # command stopped at its limit still shows what finished. On a GPU box set up with `make install`, use
@@ -34,7 +38,8 @@ fi
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 declare -A BUDGET=([imports]=${IMPORTS_TIMEOUT:-40} [tests]=${GPU_TEST_TIMEOUT:-150} [nf4]=${NF4_TIMEOUT:-120}
-                   [bench]=${BENCH_TIMEOUT:-220} [tune]=${TUNE_TIMEOUT:-400})
+                   [bench]=${BENCH_TIMEOUT:-220} [tune]=${TUNE_TIMEOUT:-400} [attention]=${ATTENTION_TIMEOUT:-120}
+                   [sweep]=${SWEEP_TIMEOUT:-330})
 total=0
 for s in $STEPS; do total=$((total + ${BUDGET[$s]:-0})); done
 echo "steps: $STEPS; time budget ${total} s in all ($(for s in $STEPS; do printf '%s %ss, ' "$s" "${BUDGET[$s]:-?}"; done))"
@@ -72,4 +77,37 @@ if step bench; then
     > /dev/null 2> "$OUT/bench.log"
   echo "bench exit $?"; tail -3 "$OUT/bench.log"
   show "$OUT/bench.json" 6000
+fi
+if step attention; then
+  if [ $GPU -eq 1 ]; then
+    sel=(tests/test_attention.py tests/test_gpu.py -k "attention or graph or paged")
+  else  # interpreted: the sm_90 compile and one case of each kernel
+    sel=(tests/test_attention.py -k "compile or (1x3000 and gqa5 and splits16)")
+  fi
+  timeout "${BUDGET[attention]}" $PY -m pytest -q -p no:cacheprovider -rA "${sel[@]}" \
+    --junitxml="$OUT/attention.xml" > "$OUT/attention.log" 2>&1
+  echo "attention tests exit $?"; grep -E "passed|failed|error|REG" "$OUT/attention.log" | tail -8
+fi
+if step sweep; then
+  if [ $GPU -eq 1 ]; then
+    args="--size 14b ${SWEEP_ARGS:-}"
+  else
+    args="--size tiny --threads 1 --attention-modes paged,reference --sweep-batches 1,2 --sweep-contexts 100,300 \
+--sweep-steps 2 --itl-streams 2 --itl-prompts 1 --itl-prompt-len 120 --itl-context 50 --max-step-tokens 64 \
+--itl-step-tokens 16,64 ${SWEEP_ARGS:-}"
+  fi
+  timeout "${BUDGET[sweep]}" $PY scripts/bench.py --random-weights --context-sweep --out "$OUT/sweep.json" $args \
+    > /dev/null 2> "$OUT/sweep.log"
+  echo "sweep exit $?"; tail -3 "$OUT/sweep.log"
+  $PY - "$OUT/sweep.json" <<'PY' || show "$OUT/sweep.json" 6000
+import json, sys
+d = json.load(open(sys.argv[1])); c = d.get("context_sweep", {})
+print(json.dumps({"errors": d.get("errors"), "targets": c.get("targets"), "paged_vs_reference": c.get("paged_vs_reference")}))
+for mode, r in c.get("decode", {}).items():
+    print(mode, "startup_s", r.get("startup_s"), "graphs", r.get("graphs"))
+    for p in r.get("points", []):
+        print(" ", json.dumps(p, separators=(",", ":")))
+for mode, r in c.get("itl", {}).items():
+    print("itl", mode, json.dumps({k: r.get(k) for k in ("itl_p50_ms", "itl_p99_ms", "p99_over_p50", "ttft_ms", "steps_by_kind")}))
+PY
 fi

@@ -27,16 +27,23 @@
     "-32603": "internal error", "-32000": "generation failed", "-32001": "session busy",
     "-32002": "nothing to cancel", "-32003": "unknown task", "-32004": "prompt too long",
     "-32005": "tool result timeout", "-32006": "overloaded", "-32007": "not waiting for tool results",
-    "-32008": "engine unavailable", "-32009": "rate limited",
+    "-32008": "engine unavailable", "-32009": "rate limited", "-32010": "stream incomplete",
+    "-32011": "task lost",
   };
+  // A dropped socket is reopened with ?resume_from=<last seq> for this long; the server replays what was missed.
+  const RESUME_FOR_MS = 60_000;
+  const NO_RESUME_CODES = [1008, 4000];  // refused by policy; replaced by a newer socket of this session
 
   const state = {
     sessionId: null,
     ws: null,
     connected: false,
     nextId: 1,
-    pending: new Map(),  // JSON-RPC id -> {method, ok, fail}
+    pending: new Map(),  // JSON-RPC id -> {method, text, sentOn, ok, fail}
     turn: null,          // the running task's turn (see newTurn), or null when idle
+    lastSeq: 0,          // the seq of the last notification received: where a resumed socket starts
+    resuming: null,      // {until, delay} while a dropped socket is being reopened
+    abandoned: null,     // a task whose turn ended here when its socket was given up: cancelled on reconnect
   };
 
   // ---- small DOM helpers -------------------------------------------------------------------------------------
@@ -100,9 +107,9 @@
   // Send is possible on an open socket with no running task; Cancel only while a task runs.
   function refreshButtons() {
     const busy = state.turn !== null;
-    ui.send.disabled = !state.connected || busy;
+    ui.send.disabled = !state.connected || busy || state.abandoned !== null;
     ui.cancel.disabled = !state.connected || !busy || state.turn.cancelling;
-    ui.reconnect.disabled = state.sessionId === null || state.connected;
+    ui.reconnect.disabled = state.sessionId === null || state.connected || state.resuming !== null;
   }
 
   // ---- settings panel ------------------------------------------------------------------------------------------
@@ -201,6 +208,8 @@
       const body = await postJson("create_session", {tools});
       closeSocket("a new session was created");
       state.sessionId = body.session_id;
+      state.lastSeq = 0;
+      state.abandoned = null;
       ui.sessionId.textContent = `session ${body.session_id}`;
       showNote(`Session ${body.session_id} created with ${tools.length} tool(s).`);
       await connect();
@@ -216,9 +225,10 @@
   // The WebSocket URL for the session: same host as the page, ws: or wss: to match http: or https:. With an
   // API key, a single-use ticket goes in the query, since browsers cannot set headers on a WebSocket and the
   // long-lived key must never appear in a URL.
-  async function socketUrl(sessionId) {
+  async function socketUrl(sessionId, resumeFrom) {
     const url = new URL(`ws/${encodeURIComponent(sessionId)}`, document.baseURI);
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+    if (resumeFrom !== null) url.searchParams.set("resume_from", String(resumeFrom));
     if (ui.apiKey.value.trim()) {
       const body = await postJson("auth/ticket", {session_id: sessionId});
       url.searchParams.set("ticket", body.ticket);
@@ -226,13 +236,16 @@
     return url.toString();
   }
 
+  // A socket reopened after a drop resumes after the last notification received, so an answer still running
+  // goes on where it was; one opened by hand (Reconnect) starts with the live stream.
   async function connect() {
     if (state.sessionId === null) return;
-    setStatus("connecting…", "busy");
+    setStatus(state.resuming ? "reconnecting…" : "connecting…", "busy");
     let url;
     try {
-      url = await socketUrl(state.sessionId);
+      url = await socketUrl(state.sessionId, state.resuming ? state.lastSeq : null);
     } catch (err) {
+      if (state.resuming && retryResume()) return;
       setStatus("not connected", "error");
       showError(`Could not get a WebSocket ticket: ${err.title || err.message}`, err.details);
       return;
@@ -247,7 +260,13 @@
   function onOpen(ws) {
     if (ws !== state.ws) return;
     state.connected = true;
+    state.resuming = null;
     ws.wasOpen = true;
+    if (state.abandoned) {  // its turn is gone from the page: stop it (Send waits for its end)
+      const taskId = state.abandoned;
+      const done = () => { if (state.abandoned === taskId) state.abandoned = null; refreshButtons(); };
+      rpc("cancel", {task_id: taskId}, {fail: done, quiet: true});
+    }
     setStatus("connected", "ok");
     refreshButtons();
     ui.message.focus();
@@ -257,7 +276,12 @@
     if (ws !== state.ws) return;  // an old session's socket, closed on purpose
     state.ws = null;
     state.connected = false;
-    if (state.turn) endTurnLocally("socket closed");  // the server cancels the task of a socket that goes away
+    if ((ws.wasOpen || state.resuming) && !NO_RESUME_CODES.includes(event.code)) {
+      if (!state.resuming) state.resuming = {until: performance.now() + RESUME_FOR_MS, delay: 250};
+      if (retryResume()) return;
+    }
+    state.resuming = null;
+    if (state.turn) endTurnLocally("socket closed");  // the server cancelled the task (or never will resume it)
     setStatus("disconnected", "error");
     if (ws.wasOpen) {
       showError(`Socket closed (code ${event.code}${event.reason ? `: ${event.reason}` : ""}).`,
@@ -271,21 +295,71 @@
     refreshButtons();
   }
 
+  // Another try at reopening a dropped socket, unless the time for it is over; whether one was scheduled.
+  function retryResume() {
+    const resuming = state.resuming;
+    if (performance.now() + resuming.delay > resuming.until) return false;
+    setStatus("reconnecting…", "busy");
+    refreshButtons();
+    setTimeout(() => { if (state.resuming === resuming && !state.ws) connect(); }, resuming.delay);
+    resuming.delay = Math.min(2 * resuming.delay, 2000);
+    return true;
+  }
+
   function closeSocket(reason) {
     const ws = state.ws;
     state.ws = null;  // set first so onClose ignores this deliberate close
     state.connected = false;
+    state.resuming = null;
     if (state.turn) endTurnLocally(reason);
     if (ws) ws.close(1000, "closed by the playground");
     refreshButtons();
   }
 
   // ---- JSON-RPC ---------------------------------------------------------------------------------------------------
+  // A request waits in `pending` until its response; one whose socket dropped first is sent again once the
+  // server has replayed what was missed (see onResumed).
   function rpc(method, params, handlers = {}) {
     const id = state.nextId++;
-    state.pending.set(id, {method, ...handlers});
-    state.ws.send(JSON.stringify({jsonrpc: "2.0", id, method, params}));
+    const pending = {method, text: JSON.stringify({jsonrpc: "2.0", id, method, params}), sentOn: null, ...handlers};
+    state.pending.set(id, pending);
+    if (state.connected) {
+      state.ws.send(pending.text);
+      pending.sentOn = state.ws;
+    }
     return id;
+  }
+
+  // After a resumed socket's replay: requests sent on the old socket go again, except a generate whose task
+  // the server names (it did start); a resent generate answered "session busy" started too.
+  function onResumed(params) {
+    const turn = state.turn;
+    if (turn && !turn.taskId && params.task_id) adoptTask(turn, params.task_id);
+    if (turn && turn.taskId && params.task_id !== turn.taskId) {  // it ended, but its end never reached us
+      showError("The task is no longer running on the server and its outcome was lost with the socket.",
+        "The conversation on the server holds whatever the task completed; send the message again if needed.");
+      endTurnLocally("lost");
+      refreshButtons();
+    }
+    for (const pending of state.pending.values()) {
+      if (pending.sentOn === state.ws) continue;
+      pending.resent = true;
+      state.ws.send(pending.text);
+      pending.sentOn = state.ws;
+    }
+  }
+
+  function generatePending() {
+    return [...state.pending.values()].some((pending) => pending.method === "generate");
+  }
+
+  // The running turn's task, learnt from its notifications when the generate response was lost with a socket.
+  function adoptTask(turn, taskId) {
+    turn.taskId = taskId;
+    turn.node.dataset.taskId = taskId;
+    for (const [id, pending] of state.pending) {
+      if (pending.method === "generate") state.pending.delete(id);
+    }
   }
 
   function onMessage(ws, event) {
@@ -307,8 +381,13 @@
     const pending = state.pending.get(message.id);
     state.pending.delete(message.id);
     const method = pending ? pending.method : "request";
+    const busyWith = message.error && message.error.code === -32001 && (message.error.data || {}).task_id;
+    if (pending && pending.resent && method === "generate" && busyWith) {
+      if (pending.ok) pending.ok({status: "processing", task_id: busyWith});  // the first one got through
+      return;
+    }
     if (message.error) {
-      showError(rpcErrorTitle(message.error, method), formatDetails(message.error.data));
+      if (!pending || !pending.quiet) showError(rpcErrorTitle(message.error, method), formatDetails(message.error.data));
       if (pending && pending.fail) pending.fail(message.error);
     } else if (pending && pending.ok) {
       pending.ok(message.result);
@@ -316,7 +395,20 @@
   }
 
   function onNotification(method, params) {
+    if (method === "resumed") return onResumed(params);
+    if (typeof params.seq === "number") {
+      if (params.seq <= state.lastSeq) return;  // already shown: a replay may overlap what arrived before a drop
+      state.lastSeq = params.seq;
+    }
+    if (params.task_id && params.task_id === state.abandoned) {
+      if (method === "end") {
+        state.abandoned = null;
+        refreshButtons();
+      }
+      return;
+    }
     const turn = state.turn;
+    if (turn && !turn.taskId && params.task_id && generatePending()) adoptTask(turn, params.task_id);
     // Every notification names its task; one belonging to no running turn (a late one) is ignored.
     if (!turn || (turn.taskId && params.task_id && params.task_id !== turn.taskId)) return;
     switch (method) {
@@ -410,6 +502,7 @@
   // The turn ends without an `end` from the server (its socket went away).
   function endTurnLocally(reason) {
     const turn = state.turn;
+    if (turn.taskId) state.abandoned = turn.taskId;  // it may still run on the server (INFERENCE_RESUME_GRACE_S)
     turn.node.classList.add("aborted");
     turn.stats.hidden = false;
     turn.stats.replaceChildren(el("span", {className: "finish finish-error", "data-testid": "stat-finish",
@@ -450,6 +543,9 @@
   // One card per function_call_request: each call's tool, call id and arguments, and a JSON textarea for its
   // result. Submit sends one tool_result with every result; canned results answer it without a click.
   function onCallRequest(turn, calls) {
+    // A request resent after a resume repeats calls this page shows already: their card stays as it is.
+    const shown = new Set([...turn.calls.querySelectorAll("[data-call-id]")].map((node) => node.dataset.callId));
+    if (calls.length && calls.every((call) => call.call_id && shown.has(call.call_id))) return;
     markFirstOutput(turn);
     turn.waitingSince = performance.now();
     const card = el("div", {className: "tool-card", "data-testid": "tool-card"},

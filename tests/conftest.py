@@ -29,6 +29,16 @@ def _load_make_tiny_model():
     return sys.modules[name]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _working_directory(tmp_path_factory: pytest.TempPathFactory):
+    """Tests run in a scratch directory: a server's default files (the SQLite session store, sessions.db) and a
+    developer's .env stay out of the checkout."""
+    previous = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """A saved tiny Qwen2.5-style model (random weights, real tokenizer layout and chat template)."""

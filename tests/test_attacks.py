@@ -517,7 +517,7 @@ def test_lone_surrogates_are_answered(app):
 
 
 def test_the_sender_escapes_what_utf8_cannot_carry():
-    from session_socket import encode
+    from jsonrpc import encode
 
     text, size = encode({"id": "\ud800"})
     assert json.loads(text) == {"id": "\ud800"} and text.isascii() and size == len(text)

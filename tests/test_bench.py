@@ -59,3 +59,29 @@ def test_a_timed_run_that_compiles_is_refused(monkeypatch):
                       "--followup-context", "0", "--baseline-requests", "0", "--threads", "1"])
     assert out["errors"]["engine"].startswith("CompiledWhileTimed")
     assert "1" not in out.get("engine", {})
+
+
+def test_context_sweep_reports_decode_points_and_inter_token_latency():
+    """``--context-sweep`` on the CPU (reference attention; paged needs CUDA or the interpreter): every point has its
+    figures or says why it was skipped, and both step shapes report inter-token latency while prompts arrive."""
+    out = load_bench().main(["--size", "tiny", "--context-sweep", "--threads", "1", "--sweep-batches", "1,4",
+                             "--sweep-contexts", "100,1000", "--sweep-steps", "3", "--itl-streams", "3",
+                             "--itl-prompts", "2", "--itl-prompt-len", "200", "--itl-context", "50",
+                             "--max-step-tokens", "40", "--itl-step-tokens", "20,40", "--prefill-chunk", "128"])
+    assert out["errors"] == {}
+    sweep = out["context_sweep"]
+    ref = sweep["decode"]["reference"]
+    assert [(p["batch"], p["context"]) for p in ref["points"]] == [(1, 100), (1, 1000), (4, 100), (4, 1000)]
+    for p in ref["points"]:
+        assert p["tok_s"] > 0 and 0 < p["host_ms_per_step"] < p["ms_per_step"] and p["attention_vs_weights"] > 0
+    assert set(sweep["itl"]) == {"mixed_20", "mixed_40", "alternating"}
+    mixed, alternating = sweep["itl"]["mixed_20"], sweep["itl"]["alternating"]
+    assert mixed["steps_by_kind"].get("mixed", 0) > 0 and "prefill" not in mixed["steps_by_kind"]
+    assert mixed["steps"] > sweep["itl"]["mixed_40"]["steps"]  # a smaller budget: more, shorter steps
+    assert alternating["steps_by_kind"]["prefill"] > 0 and "mixed" not in alternating["steps_by_kind"]
+    for run in (mixed, alternating):
+        assert run["itl_p99_ms"] >= run["itl_p50_ms"] > 0 and len(run["ttft_ms"]) == 2
+    # each window's prompts are new (none served from the prefix cache of an earlier window): 400 prompt tokens
+    # take at least 400 / 128 prefill steps alternating, 400 / (40 - 3) mixed at budget 40
+    assert alternating["steps_by_kind"]["prefill"] >= 4 and sweep["itl"]["mixed_40"]["steps"] >= 11
+    assert "itl_p99_over_p50_mixed_20" in sweep["targets"]

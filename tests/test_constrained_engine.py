@@ -216,15 +216,14 @@ def test_rows_without_a_grammar_pay_nothing(engine, grammar_compiler, tiny_token
     import engine.core as core
 
     applied, filled = [], []
-    real_apply, real_fill = core.masked_logits, engine.masks.executor
-    monkeypatch.setattr(core, "masked_logits", lambda logits, bitmask: applied.append(1) or real_apply(logits, bitmask))
+    real_unpack = core.unpack_bitmask
+    monkeypatch.setattr(core, "unpack_bitmask", lambda bitmask, vocab: applied.append(1) or real_unpack(bitmask, vocab))
     monkeypatch.setattr(engine.masks, "host", _Watched(engine.masks.host, filled))
     run_all(engine, [(chat_prompt(tiny_tokenizer, "hello"), SamplingParams(max_new_tokens=8, stop_token_ids=stops))])
     assert not applied and not filled
     grammar = grammar_compiler.compile([], ToolChoice(), ResponseFormat("json_object"))
     run_all(engine, [(chat_prompt(tiny_tokenizer, "hello"), sampled(0, stops, grammar, 8))])
     assert applied and filled
-    del real_fill
 
 
 class _Watched:

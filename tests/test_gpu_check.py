@@ -36,3 +36,22 @@ def test_dry_run_on_the_cpu_reports_json(tmp_path):
     assert json.loads((tmp_path / "imports.json").read_text())["imports"] == "ok"
     bench = json.loads((tmp_path / "bench.json").read_text())
     assert bench["errors"] == {} and bench["nf4_kernels"] == ["bnb", "triton"]
+
+
+def test_engine_ii_steps_fit_one_device_command(tmp_path):
+    proc = run_check(tmp_path, PLAN_ONLY="1", STEPS="imports attention sweep")
+    assert proc.returncode == 0, proc.stderr
+    budget = re.search(r"steps: (.*); time budget (\d+) s in all", proc.stdout)
+    assert budget and int(budget.group(2)) <= 540, proc.stdout
+
+
+@pytest.mark.slow
+def test_engine_ii_dry_run_on_the_cpu_reports_json(tmp_path):
+    """The attention kernels' tests and the context sweep, end to end on the CPU (kernels interpreted)."""
+    proc = run_check(tmp_path, STEPS="attention sweep")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "attention tests exit 0" in proc.stdout and "sweep exit 0" in proc.stdout
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert sweep["errors"] == {}
+    assert set(sweep["context_sweep"]["decode"]) == {"paged", "reference"}
+    assert set(sweep["context_sweep"]["itl"]) == {"mixed_16", "mixed_64", "alternating"}

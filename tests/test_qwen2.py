@@ -10,19 +10,19 @@ import torch
 import torch.nn.functional as F
 
 from engine.qwen2 import PagedQwen2, rope_type
+from paged_inputs import packed_step
 from shared import ConfigError, Settings, load_model
 
 
 def prefill_then_decode(paged: PagedQwen2) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of a 6-token prefill of two rows (block size 4, so they cross a block) and of one decode step."""
     paged.allocate_kv_cache(8 * 4)
-    table = torch.tensor([[1, 2], [3, 4]])
-    ids = torch.tensor([[5, 9, 14, 3, 22, 7], [11, 4, 8, 30, 2, 19]])
-    pos = torch.arange(6).repeat(2, 1)
-    slots = torch.stack([torch.cat([4 + torch.arange(4), 8 + torch.arange(2)]),
-                         torch.cat([12 + torch.arange(4), 16 + torch.arange(2)])])
-    prefill = paged.forward(ids, pos, slots, table, 4)
-    decode = paged.forward(torch.tensor([[40], [41]]), torch.tensor([[6], [6]]), torch.tensor([[10], [18]]), table, 4)
+    tables = [[1, 2], [3, 4]]
+    ids = torch.tensor([5, 9, 14, 3, 22, 7, 11, 4, 8, 30, 2, 19])
+    positions, meta = packed_step(tables, [6, 6], [6, 6], 4)
+    prefill = paged.forward(ids, positions, meta)
+    positions, meta = packed_step(tables, [7, 7], [1, 1], 4)
+    decode = paged.forward(torch.tensor([40, 41]), positions, meta)
     return prefill, decode
 
 
@@ -76,15 +76,11 @@ def test_batch_dependent_rope_scaling_is_refused_at_load(tiny_model_dir, tmp_pat
         load_model(Settings(model_id=str(model_dir), device="cpu", dtype="float32"))
 
 
-def test_kv_cache_is_sized_after_the_allocator_gives_back_its_cache(monkeypatch):
-    """Free GPU memory is read only after the caching allocator has released what loading (and the NF4
-    self-check) freed: otherwise ~3 GB that are free in fact are left out of the KV cache."""
+def test_kv_cache_on_cuda_is_left_to_the_engine_unless_configured():
+    """On CUDA the engine sizes the pool itself, after measuring its largest step and its graphs (engine/memory.py,
+    tests/test_steps.py); a configured size is used as is."""
     import shared
 
-    calls: list[str] = []
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: calls.append("mem_get_info") or (40 * 2**30, 80 * 2**30))
     fake = type("Paged", (), {"device": torch.device("cuda", 0), "kv_bytes_per_token": lambda self: 1024})()
-    size = shared.kv_cache_bytes(Settings(), fake, 4096)
-    assert calls == ["empty_cache", "mem_get_info"]
-    assert size == int((40 - 3) * 2**30 * 0.9)
+    assert shared.kv_cache_bytes(Settings(), fake, 4096) == 0
+    assert shared.kv_cache_bytes(Settings(kv_cache_gb=2.0), fake, 4096) == 2 * 2**30
