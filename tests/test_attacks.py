@@ -48,7 +48,7 @@ def respond(prompt: str) -> str:
 def settings(tiny_model_dir, tmp_path_factory) -> Settings:
     return Settings(model_id=str(tiny_model_dir), log_file=str(tmp_path_factory.mktemp("log") / "server.log"),
                     kv_block_size=16, max_context=4096, max_batch=8, prefill_chunk=256, rate_limit_per_min=0,
-                    tool_call_retries=0)
+                    tool_call_retries=0, structured_outputs="off")  # scripted invalid calls reach validation
 
 
 @pytest.fixture(scope="module")

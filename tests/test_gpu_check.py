@@ -55,3 +55,16 @@ def test_engine_ii_dry_run_on_the_cpu_reports_json(tmp_path):
     assert sweep["errors"] == {}
     assert set(sweep["context_sweep"]["decode"]) == {"paged", "reference"}
     assert set(sweep["context_sweep"]["itl"]) == {"mixed_16", "mixed_64", "alternating"}
+
+
+def test_structured_outputs_step_runs_on_the_cpu_and_fits_beside_bench(tmp_path):
+    """The optional "structured" step: masks per decode step against the bench's; with imports and bench it fits
+    one device command."""
+    plan = run_check(tmp_path, PLAN_ONLY="1", STEPS="imports bench structured")
+    budget = re.search(r"steps: (.*); time budget (\d+) s in all", plan.stdout)
+    assert budget and int(budget.group(2)) <= 540, plan.stdout
+    (tmp_path / "bench.json").write_text(json.dumps({"engine": {"32": {"tpot_p50_ms": 40.0}}}))
+    proc = run_check(tmp_path, STEPS="structured", STRUCTURED_ARGS="--rows 1,8")
+    assert proc.returncode == 0 and "structured exit 0" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "structured.json").read_text())
+    assert set(report["per_step"]) == {"1", "8"} and report["share_of_decode_step"]["decode_step_ms"] == 40.0
