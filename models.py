@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tool_schemas import check_tool_schema
+from tool_schemas import check_schema, check_tool_schema
 
 JSONRPC_VERSION = "2.0"
 TOOL_NAME_PATTERN = r"^[A-Za-z0-9_.:\-]{1,64}$"
@@ -139,6 +139,61 @@ class HistoryMessage(BaseModel):
         return self
 
 
+# ---- structured outputs (OpenAI's shapes) --------------------------------------------------------------------
+class FunctionName(BaseModel):
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
+
+
+class NamedToolChoice(BaseModel):
+    """``{"type": "function", "function": {"name": ...}}``: the answer is exactly one call of that tool."""
+
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+ToolChoiceParam = Literal["auto", "required", "none"] | NamedToolChoice
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _runnable(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        check_schema(schema, "json_schema.schema")  # depth, RE2-runnable patterns, metaschema
+        return schema
+
+
+class ResponseFormatParam(BaseModel):
+    """``{"type": "text" | "json_object"}`` or ``{"type": "json_schema", "json_schema": {"name", "schema"}}``: the
+    answer is a JSON document (of that schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormatParam:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('"type": "json_schema" needs "json_schema": {"name": ..., "schema": {...}}')
+        return self
+
+    def plain(self) -> dict[str, Any]:
+        """The shape ``grammars.ResponseFormat.parse`` reads."""
+        if self.json_schema is None:
+            return {"type": self.type}
+        return {"type": self.type, "json_schema": {"name": self.json_schema.name, "schema": self.json_schema.schema_}}
+
+
+def tool_choice_plain(choice: ToolChoiceParam | None) -> Any:
+    """The shape ``grammars.ToolChoice.parse`` reads."""
+    return choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
+
+
 # ---- client -> server params ----------------------------------------------------------------------------------
 class GenerateRequestParams(BaseModel):
     message: str | None = None
@@ -156,6 +211,9 @@ class GenerateRequestParams(BaseModel):
     stop: list[str] | None = Field(default=None, max_length=16)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     ignore_eos: bool = False  # keep generating past end-of-turn until max_new_tokens (benchmarks, load tests)
+    tool_choice: ToolChoiceParam | None = None  # the task's first model call: auto (default), required, none, named
+    response_format: ResponseFormatParam | None = None  # final_text is then a JSON document (of that schema)
+    parallel_tool_calls: bool | None = None  # false: at most one tool call per model call
 
     _unique = field_validator("tools")(_unique_tool_names)
 

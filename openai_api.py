@@ -9,6 +9,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Coroutine
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -19,10 +20,12 @@ from engine import SamplingParams
 from http_guard import BodyError, read_json_body
 from jsonrpc import clip, strict_json_loads
 from limits import PromptTooLong, too_many_tools, tools_problem
-from models import ErrorCode, ToolDefinition, Usage
+from grammars import TurnGrammars
+from models import ErrorCode, ResponseFormatParam, ToolChoiceParam, ToolDefinition, Usage
 from shared import Runtime
+from structured_outputs import SchemaRefused, choices, plan, prompt_tools
 from tasks import TaskFailure
-from utils import TOOL_OPEN, TurnOutput, model_turn, submit, tokenize_prompt
+from utils import TurnOutput, model_turn, submit, tokenize_prompt
 from workers import off_loop
 
 log = logging.getLogger("inference.openai")
@@ -69,18 +72,15 @@ class ChatMessage(BaseModel):
         return "".join(p.text or "" for p in self.content)
 
 
-class NamedToolChoice(BaseModel):
-    type: Literal["function"] = "function"
-    function: dict[str, Any]
-
-
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[ToolDefinition] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: ToolChoiceParam | None = None
+    response_format: ResponseFormatParam | None = None
+    parallel_tool_calls: bool | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
@@ -132,22 +132,16 @@ def to_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def tools_and_prefix(req: ChatRequest) -> tuple[list[ToolDefinition], str]:
-    """The tools to show the model, and the text that forces a call (tool_choice required / a named tool)."""
-    tools = req.tools or []
-    choice = req.tool_choice
-    if choice == "none":
-        return [], ""
-    if choice == "required":
-        if not tools:
-            raise OpenAIError(400, 'tool_choice "required" needs tools', param="tool_choice")
-        return tools, TOOL_OPEN + '\n{"name": "'
-    if isinstance(choice, NamedToolChoice):
-        name = choice.function.get("name")
-        if name not in {t.name for t in tools}:
-            raise OpenAIError(400, f"tool_choice names an unknown tool {clip(repr(name))}", param="tool_choice")
-        return tools, TOOL_OPEN + '\n{"name": ' + json.dumps(name) + ', "arguments": '
-    return tools, ""
+async def constraints(rt: Runtime, req: ChatRequest) -> tuple[list[ToolDefinition], TurnGrammars]:
+    """The tools to show the model, and the grammar (and forced opening) of tool_choice / response_format."""
+    choice, fmt = choices(req.tool_choice, req.response_format, req.parallel_tool_calls)
+    tools = prompt_tools(req.tools or [], choice)
+    try:
+        return tools, await plan(rt, tools, choice, fmt)
+    except SchemaRefused as exc:
+        param = exc.where.split(".")[0].split("[")[0]
+        raise OpenAIError(400, clip(str(exc), 500), param=param, code="unsupported_schema" if exc.keyword else None) \
+            from None
 
 
 def check_limits(rt: Runtime, req: ChatRequest) -> int:
@@ -256,7 +250,8 @@ async def _chat_completions(request: Request, rt: Runtime) -> Response:
         raise OpenAIError(404, f"the model {clip(repr(req.model))} does not exist; this server serves "
                           f"{rt.model.name!r}", param="model", code="model_not_found")
     max_new = check_limits(rt, req)
-    tools, prefix = tools_and_prefix(req)
+    tools, turns = await constraints(rt, req)
+    prefix = turns.prefix
     try:
         prompt_ids = await tokenize_prompt(rt, to_messages(req.messages), tools)
     except OpenAIError:
@@ -273,7 +268,8 @@ async def _chat_completions(request: Request, rt: Runtime) -> Response:
         raise OpenAIError(400, f"prompt has {len(prompt_ids)} tokens; at most {limit} are accepted",
                           param="messages", code="context_length_exceeded")
     try:
-        stream = submit(rt, prompt_ids, sampling(rt, req, max_new), None, cache_salt=owner)
+        stream = submit(rt, prompt_ids, replace(sampling(rt, req, max_new), grammar=turns.first), None,
+                        cache_salt=owner)
     except TaskFailure as failure:
         status, type_, code = STATUS_OF.get(failure.error.code, (500, "server_error", None))
         raise OpenAIError(status, failure.error.message, type_, code=code) from None

@@ -24,6 +24,8 @@ from starlette.staticfiles import StaticFiles
 from auth import ApiKeys, RateLimiter, TicketBook, TicketBookFull
 from engine import AsyncEngine, Engine
 from engine.mp_client import EngineProcess, can_spawn
+from engine.structured import GrammarTokenizer
+from grammars import GrammarCompiler
 from http_guard import BodyError, HostGuard, read_json_body, uvicorn_options
 from jsonrpc import Dispatcher, RpcError, validation_details
 from limits import max_token_chars, too_many_tools, tools_problem
@@ -244,7 +246,25 @@ def build_runtime(settings: Settings, loaded: LoadedModel, engine: EngineClient 
                                on_remove=lambda session: engine.release_session(session.session_id))
     sessions.on_lost_task = metrics_.lost_tasks.inc
     return Runtime(settings, loaded, engine, sessions, keys, TicketBook(settings.ticket_ttl_s),
-                   RateLimiter(settings.rate_limit_per_min), metrics_)
+                   RateLimiter(settings.rate_limit_per_min), metrics_,
+                   grammar_compiler(settings, loaded, engine.vocab_size))
+
+
+def grammar_compiler(settings: Settings, loaded: LoadedModel, vocab_size: int) -> GrammarCompiler | None:
+    """The grammar engine's view of the tokenizer (it walks the whole vocabulary: about a second for Qwen's),
+    built once at start-up, or None with INFERENCE_STRUCTURED_OUTPUTS=off."""
+    if settings.structured_outputs == "off":
+        log.info("structured outputs are off: tool calls are validated after the fact")
+        return None
+    if not loaded.stop_token_ids:  # nothing could end a grammar (a benchmark's random-weight model)
+        log.warning("structured outputs are off: the model has no stop token")
+        return None
+    started = time.perf_counter()
+    tokenizer = GrammarTokenizer(loaded.tokenizer, vocab_size, sorted(loaded.stop_token_ids))
+    compiler = GrammarCompiler(tokenizer)
+    log.info("structured outputs: grammar tokenizer ready in %.2f s (tool tags are tokens: %s)",
+             time.perf_counter() - started, compiler.tags_are_tokens)
+    return compiler
 
 
 async def drain(rt: Runtime) -> None:

@@ -24,6 +24,7 @@ from models import (CancelParams, EndParams, ErrorCode, ErrorNotificationParams,
 from resume import Replay, ResumeRefused, parse_resume_from
 from session_store import StoreError
 from shared import Runtime
+from structured_outputs import SchemaRefused, choices, plan, prompt_tools, refusal_data
 from tasks import Session, Task, TaskFailure, tool_content
 from utils import (context_data, generate_interactive_stream_ws, history_to_messages, open_stream, sampling_params,
                    tokenize_prompt)
@@ -67,11 +68,16 @@ async def rpc_generate(ctx: Context, p: GenerateRequestParams) -> dict[str, Any]
     if retry := rt.limiter.acquire(ctx.caller):
         raise RpcError(ErrorCode.RATE_LIMITED, "too many requests", {"retry_after_s": round(retry, 2)})
     max_new = p.max_new_tokens or min(settings.default_max_new_tokens, settings.max_new_tokens_cap)
-    tools = session.tools if p.tools is None else p.tools
+    choice, fmt = choices(p.tool_choice, p.response_format, p.parallel_tool_calls)
+    tools = prompt_tools(session.tools if p.tools is None else p.tools, choice)
     if p.history is not None:
         messages = history_to_messages(p.history)
     else:
         messages = [*session.messages, {"role": "user", "content": p.message}]
+    try:  # priced and compiled on the worker pool
+        turns = await plan(rt, tools, choice, fmt)
+    except SchemaRefused as exc:
+        raise RpcError(ErrorCode.INVALID_PARAMS, clip(str(exc), 500), refusal_data(exc)) from None
     try:  # priced, then tokenized on the worker pool
         prompt_ids = await tokenize_prompt(rt, messages, tools)
     except PromptTooLong as exc:
@@ -84,7 +90,7 @@ async def rpc_generate(ctx: Context, p: GenerateRequestParams) -> dict[str, Any]
     ensure_idle(session)
     params = sampling_params(p, rt.model.defaults, max_new, rt.model.stop_token_ids)
     task = Task(session, tools, params, p.stop or [], on_error=lambda code: rt.metrics.errors.labels(code).inc(),
-                base=0 if p.history is not None else len(session.messages))
+                base=0 if p.history is not None else len(session.messages), turns=turns)
     try:
         open_stream(rt, task, prompt_ids)
     except TaskFailure as failure:

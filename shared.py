@@ -140,6 +140,11 @@ class Settings:
     max_queue: int = _setting("INFERENCE_MAX_QUEUE", _int(1), 256, "requests waiting for a batch slot")
     tool_result_timeout_s: float = _setting("INFERENCE_TOOL_RESULT_TIMEOUT_S", _float(0.001), 300.0,
                                             "how long a task waits for tool_result")
+    structured_outputs: str = _setting("INFERENCE_STRUCTURED_OUTPUTS", _choice("on", "off"), "on",
+                                       "constrained decoding: tool calls that match their tool's schema by "
+                                       "construction, tool_choice and response_format enforced by a grammar; off: "
+                                       "tool calls are validated after the fact (INFERENCE_TOOL_CALL_RETRIES) and "
+                                       "response_format is refused")
     tool_call_retries: int = _setting("INFERENCE_TOOL_CALL_RETRIES", _int(0), 1,
                                       "model calls a task may spend on correcting tool calls that name no tool or "
                                       "whose arguments break the tool's schema; then they reach the client flagged")
@@ -495,6 +500,7 @@ class Runtime:
     tickets: TicketBook
     limiter: RateLimiter
     metrics: Metrics
+    grammars: Any = None  # grammars.GrammarCompiler; None with INFERENCE_STRUCTURED_OUTPUTS=off
     connections: set[Any] = field(default_factory=set)  # open WebSocket connections
     draining: bool = False  # shutting down: no new sessions or tasks
     started_at: float = field(default_factory=time.time)

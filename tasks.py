@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from engine import RequestStream, SamplingParams
+from grammars import TurnGrammars
 from jsonrpc import RpcError, clip, encode, encode_text_chunk
 from log_context import task_var
 from models import (EndParams, ErrorCode, ErrorNotificationParams, FunctionCallRequestParams, JsonRpcError,
@@ -161,12 +162,15 @@ class Task:
 
     def __init__(self, session: Session, tools: list[ToolDefinition], params: SamplingParams,
                  stop: list[str], stream: RequestStream | None = None,
-                 on_error: Callable[[int], None] | None = None, base: int = 0) -> None:
+                 on_error: Callable[[int], None] | None = None, base: int = 0,
+                 turns: TurnGrammars | None = None) -> None:
         self.task_id = new_id("task-")
         self.session = session
         self.base = base  # messages of the conversation before this task's own (its user message) begin
         self.tools = tools
         self.params = params
+        self.turns = turns or TurnGrammars()  # the grammars of its model calls (structured outputs)
+        self.model_calls = 0
         self.stop = stop
         self.stream = stream  # the engine request of the current model call (aborted when the task ends)
         self.reason: str | None = None  # how the body finished: stop, length, cancelled, error

@@ -78,13 +78,13 @@ def _nodes(schema: Any) -> Iterator[tuple[Any, int]]:
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
-def check_tool_schema(schema: dict[str, Any]) -> None:
-    """Raise ValueError, saying why, unless ``schema`` is a JSON Schema of an object that this server can run:
-    at most ``MAX_DEPTH`` levels deep, every pattern runnable on RE2, valid against its metaschema, and not a
-    ``$ref`` loop."""
+def check_schema(schema: dict[str, Any], what: str = "parameters") -> None:
+    """Raise ValueError, saying why, unless ``schema`` is a JSON Schema this server can run: at most
+    ``MAX_DEPTH`` levels deep, every pattern runnable on RE2, valid against its metaschema, and not a ``$ref``
+    loop. ``what`` names it in the messages."""
     for node, depth in _nodes(schema):
         if depth > MAX_DEPTH:
-            raise ValueError(f"parameters is nested more than {MAX_DEPTH} levels deep")
+            raise ValueError(f"{what} is nested more than {MAX_DEPTH} levels deep")
         if isinstance(node, dict):
             if isinstance(node.get("pattern"), str):
                 compile_pattern(node["pattern"])
@@ -95,15 +95,20 @@ def check_tool_schema(schema: dict[str, Any]) -> None:
     try:  # format_checker=None: the metaschema's "format": "regex" would compile patterns with Python's re
         cls.check_schema(schema, format_checker=None)
     except SchemaError as exc:
-        raise ValueError(f"parameters is not a valid JSON Schema: {clip_text(exc.message)}") from None
+        raise ValueError(f"{what} is not a valid JSON Schema: {clip_text(exc.message)}") from None
     except RecursionError:
-        raise ValueError("parameters is nested too deeply") from None
-    if schema.get("type", "object") != "object":
-        raise ValueError('parameters must be a JSON Schema of "type": "object"')
+        raise ValueError(f"{what} is nested too deeply") from None
     try:  # a schema that refers to itself without consuming input ({"allOf": [{"$ref": "#"}]}) never ends
         argument_problems(schema, {})
     except (RecursionError, SchemaTooComplex):
-        raise ValueError("parameters refers to itself without end, or is too complex to check") from None
+        raise ValueError(f"{what} refers to itself without end, or is too complex to check") from None
+
+
+def check_tool_schema(schema: dict[str, Any]) -> None:
+    """``check_schema``, and the schema must be of an object (a tool's arguments)."""
+    if schema.get("type", "object") != "object":
+        raise ValueError('parameters must be a JSON Schema of "type": "object"')
+    check_schema(schema)
 
 
 def clip_text(text: str, limit: int = 300) -> str:

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from tokenizers.decoders import DecodeStream
@@ -225,6 +225,28 @@ def parse_tool_call(body: str) -> ParsedCall | None:
     return ParsedCall(obj["name"], args) if isinstance(args, dict) else None
 
 
+def _inside_json_string(text: str) -> bool:
+    """Whether ``text`` (the start of a JSON document) ends inside a string."""
+    inside, escaped = False, False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and inside:
+            escaped = True
+        elif ch == '"':
+            inside = not inside
+    return inside
+
+
+def _call_end(buffer: str) -> int:
+    """Where the call's ``</tool_call>`` is: the first one outside a JSON string (an argument may contain the
+    tag's text), or -1 while none has arrived."""
+    end = buffer.find(TOOL_CLOSE)
+    while end >= 0 and _inside_json_string(buffer[:end]):
+        end = buffer.find(TOOL_CLOSE, end + 1)
+    return end
+
+
 @dataclass
 class ToolCallParser:
     """Splits the model's text into visible text and ``<tool_call>`` blocks as it streams.
@@ -247,7 +269,7 @@ class ToolCallParser:
         out: list[str] = []
         while True:
             if self.in_call:
-                end = self.buffer.find(TOOL_CLOSE)
+                end = _call_end(self.buffer)
                 if end < 0:
                     break
                 body, self.buffer = self.buffer[:end], self.buffer[end + len(TOOL_CLOSE):]
@@ -288,6 +310,14 @@ class ToolCallParser:
     def flush(self) -> str:
         """End of stream: an unterminated call is kept if its JSON is complete, else shown as text."""
         out: list[str] = []
+        if self.in_call and (end := self.buffer.find(TOOL_CLOSE)) >= 0:
+            # Every close was inside a string of a call that never parsed: a malformed call, which ends at its
+            # first close after all (as text); what follows it is parsed as usual.
+            body, rest = self.buffer[:end], self.buffer[end + len(TOOL_CLOSE):]
+            self.buffer, self.in_call = "", False
+            self._show(TOOL_OPEN + body + TOOL_CLOSE, out)
+            out.append(self.push(rest))
+            return "".join(out) + self.flush()
         buffer, self.buffer = self.buffer, ""
         if self.in_call:
             self.in_call = False
@@ -333,8 +363,14 @@ def submit(rt: Runtime, prompt_ids: list[int], params: SamplingParams, session_k
 
 
 def open_stream(rt: Runtime, task: Task, prompt_ids: list[int]) -> RequestStream:
-    """The task's next model call; the task aborts it if it ends first."""
-    task.stream = submit(rt, prompt_ids, task.params, task.session.session_id, task.session.owner)
+    """The task's next model call, under its grammar (the first call's follows tool_choice, after its forced
+    prefix); the task aborts it if it ends first."""
+    first = task.model_calls == 0
+    if first and task.turns.prefix:
+        prompt_ids = prompt_ids + rt.tokenizer.encode(task.turns.prefix, add_special_tokens=False)
+    params = replace(task.params, grammar=task.turns.grammar(first))
+    task.stream = submit(rt, prompt_ids, params, task.session.session_id, task.session.owner)
+    task.model_calls += 1
     return task.stream
 
 
@@ -388,11 +424,13 @@ async def model_turn(rt: Runtime, stream: RequestStream, stop: Sequence[str], us
     result.text, result.calls = "".join(pieces), parser.calls
 
 
-async def stream_turn(rt: Runtime, task: Task, stream: RequestStream, separator: str = "") -> TurnOutput:
-    """One model call of a task: its text as ``text_chunk``s (``separator`` before the first one)."""
+async def stream_turn(rt: Runtime, task: Task, stream: RequestStream, separator: str = "",
+                      prefix: str = "") -> TurnOutput:
+    """One model call of a task: its text as ``text_chunk``s (``separator`` before the first one); ``prefix``: the
+    forced opening its prompt ended with."""
     result = TurnOutput()
     session, coalesce, first = task.session, rt.settings.stream_coalesce == "on", True
-    async for text in model_turn(rt, stream, task.stop, task.usage, result):
+    async for text in model_turn(rt, stream, task.stop, task.usage, result, prefix):
         # the hottest notification: built as a plain dict (same shape as models.TextChunkParams); the first chunk
         # of a model call goes out at once, later ones may be joined while the client is behind
         session.emit_chunk(task.task_id, separator + text, coalesce and not first)
@@ -420,7 +458,7 @@ async def generate_interactive_stream_ws(task: Task, rt: Runtime) -> str:
                 raise TaskFailure(ErrorCode.CONTEXT_LENGTH_EXCEEDED, str(exc), context_data(rt, exc)) from None
             stream = open_stream(rt, task, ids)
         separator = "\n\n" if any(texts) else ""
-        turn = await stream_turn(rt, task, stream, separator)
+        turn = await stream_turn(rt, task, stream, separator, task.turns.prefix if task.model_calls == 1 else "")
         stream = None
         texts.append(separator + turn.text if turn.text else "")
         if not turn.calls:

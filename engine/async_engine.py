@@ -145,6 +145,10 @@ class AsyncEngine:
     def max_context(self) -> int:
         return self.engine.max_context
 
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model.vocab_size
+
     def stats(self) -> dict[str, int]:
         return self.engine.stats()
 

@@ -26,6 +26,7 @@ from engine.memory import auto_kv_cache_bytes
 from engine.model_runner import ModelRunner, PagedModel
 from engine.request import EventSink, FinishReason, Request, RequestStatus, SamplingParams, TokenEvent
 from engine.sampler import Sampler
+from engine.structured import MaskBatch, unpack_bitmask
 from engine.scheduler import Scheduler, Step
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class Engine:
             self._verify_paged_attention()
         step_tokens = max(config.max_step_tokens, config.prefill_chunk)
         self.sampler = Sampler(model.vocab_size, config.max_running, model.device)
+        self.masks = MaskBatch(model.vocab_size, config.max_running, model.device)  # rows with a grammar
         kv_bytes = config.kv_cache_bytes
         if not config.num_blocks and not kv_bytes:  # auto: measure the largest step and the graphs, then size
             if model.device.type != "cuda":
@@ -274,6 +276,8 @@ class Engine:
                     req.noise_seed = req.params.seed if req.params.seed is not None else self.sampler.new_seed()
                 self.runner.start_row(req)
                 self.sampler.start_row(req.row, req.params, req.tokens, req.output_ids, req.noise_seed)
+                if req.params.grammar is not None and req.matcher is None:  # kept across preemption
+                    req.matcher = req.params.grammar.matcher()
             except Exception as exc:
                 log.exception("could not start %s", req.request_id)
                 self._finish(req, FinishReason.ERROR, error=f"could not start the request: {exc!r}")
@@ -302,8 +306,12 @@ class Engine:
         sampled = [req for i, req in enumerate(step.requests) if step.completes(i)]
         try:
             logits, inputs = self.runner.run(step)
+            # Grammar masks are filled on the CPU (llguidance's threads, without the GIL) while the device runs the
+            # step: nothing above waited for it. Rows without a grammar pay nothing; a step without any, not this.
+            bitmask = self.masks.fill([req.matcher for req in sampled]) if sampled else None
+            allowed = unpack_bitmask(bitmask, self.sampler.vocab_size) if bitmask is not None else None
             # the step's one read from the device: the sampled tokens
-            tokens = self.sampler.sample(logits, inputs.sample_rows, inputs.sample_host_rows).tolist() \
+            tokens = self.sampler.sample(logits, inputs.sample_rows, inputs.sample_host_rows, allowed).tolist() \
                 if sampled else []
         except Exception as exc:  # fails this step's requests only; the engine goes on
             self._step_failed(step, exc)
@@ -344,11 +352,17 @@ class Engine:
 
     def _append(self, req: Request, token: int) -> None:
         params = req.params
+        # A matcher fails when its mask could not be computed (a lexer limit) or refuses what its mask allowed.
+        if req.matcher is not None and (req.matcher.error or not req.matcher.accept(token)):
+            self._finish(req, FinishReason.ERROR, error=f"structured output failed: {req.matcher.error}")
+            return
         if token in params.stop_token_ids and not params.ignore_eos:
             self._finish(req, FinishReason.STOP, completion=req.num_output_tokens + 1)
             return
         req.tokens.append(token)
-        if req.num_output_tokens >= params.max_new_tokens or req.num_tokens >= req.max_tokens:
+        if req.matcher is not None and req.matcher.done:  # the grammar is complete: only a stop token could follow
+            self._finish(req, FinishReason.STOP, (token,))
+        elif req.num_output_tokens >= params.max_new_tokens or req.num_tokens >= req.max_tokens:
             self._finish(req, FinishReason.LENGTH, (token,))
         else:
             self._emit(req, (token,), None, None, req.num_output_tokens)

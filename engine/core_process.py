@@ -24,6 +24,7 @@ import signal
 import socket
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, Callable
 
 from engine.core import Engine
@@ -32,6 +33,7 @@ from engine.protocol import (Abort, Add, Failed, Outputs, Release, Shutdown, dec
 from engine.request import EventSink, FinishReason, TokenEvent
 
 log = logging.getLogger("inference.engine_process")
+GRAMMARS_KEPT = 64  # compiled grammars kept for reuse (the front end compiled and checked each one first)
 
 
 @dataclasses.dataclass
@@ -92,14 +94,38 @@ def main(sock: socket.socket, settings: Any, loader: Callable[[Any], Any]) -> No
         sock.sendall(pickled_frame(EngineStartFailed(type(exc).__name__, str(exc))))
         return
     clock = _thread_clock(engine._thread)
+    grammars = grammar_cache(settings, loaded)
     model = dataclasses.replace(loaded, hf_model=None, paged_model=None)
     sock.sendall(pickled_frame(EngineReady(model, engine.max_context, loaded.paged_model.vocab_size,
                                            engine.config.max_running, engine.config.max_queue,
                                            engine_stats(engine, clock), os.getpid(), engine._thread.native_id)))
-    serve(sock, engine, clock)
+    serve(sock, engine, clock, grammars)
 
 
-def serve(sock: socket.socket, engine: Engine, clock: Callable[[], float]) -> None:
+def grammar_cache(settings: Any, loaded: Any) -> Callable[[str, tuple[int, ...]], Any] | None:
+    """Compiles the grammars of constrained requests in this process (the front end sends their text), keeping
+    the latest few: a session's tools give the same grammar turn after turn. None with structured outputs off."""
+    if getattr(settings, "structured_outputs", "off") == "off" or not loaded.stop_token_ids:
+        return None
+    from engine.structured import Grammar, GrammarTokenizer
+
+    tokenizer = GrammarTokenizer(loaded.tokenizer, loaded.paged_model.vocab_size, sorted(loaded.stop_token_ids))
+    cache: OrderedDict[tuple[str, tuple[int, ...]], Any] = OrderedDict()
+
+    def compile_grammar(text: str, prefix: tuple[int, ...]) -> Any:
+        key = (text, prefix)
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        grammar = cache[key] = Grammar(tokenizer, text, prefix)
+        if len(cache) > GRAMMARS_KEPT:
+            cache.popitem(last=False)
+        return grammar
+    return compile_grammar
+
+
+def serve(sock: socket.socket, engine: Engine, clock: Callable[[], float],
+          grammars: Callable[[str, tuple[int, ...]], Any] | None = None) -> None:
     """Serve the front end on ``sock`` until it says stop or goes away, or the engine dies."""
     out: queue.SimpleQueue[Any] = queue.SimpleQueue()
     steps: list[tuple[str, int, float]] = []
@@ -119,7 +145,7 @@ def serve(sock: socket.socket, engine: Engine, clock: Callable[[], float]) -> No
     watchdog = threading.Thread(target=_watch, args=(engine, out), name="engine-watchdog", daemon=True)
     watchdog.start()
     try:
-        _receive_loop(sock, engine, out, clock)
+        _receive_loop(sock, engine, out, clock, grammars)
     finally:
         engine.stop()
         out.put(None)
@@ -131,8 +157,8 @@ def serve(sock: socket.socket, engine: Engine, clock: Callable[[], float]) -> No
         sock.close()
 
 
-def _receive_loop(sock: socket.socket, engine: Engine, out: queue.SimpleQueue[Any],
-                  clock: Callable[[], float]) -> None:
+def _receive_loop(sock: socket.socket, engine: Engine, out: queue.SimpleQueue[Any], clock: Callable[[], float],
+                  grammars: Callable[[str, tuple[int, ...]], Any] | None) -> None:
     while True:
         try:
             payload = recv_frame(sock)
@@ -145,8 +171,9 @@ def _receive_loop(sock: socket.socket, engine: Engine, out: queue.SimpleQueue[An
         msg = decode_to_engine(payload)
         if type(msg) is Add:
             try:
-                engine.submit(msg.prompt_ids, params_from_wire(msg.params), SINK, msg.session_key, msg.cache_salt,
-                              request_id=msg.request_id)
+                # (a grammar compiles here, on this thread, never on the engine's)
+                engine.submit(msg.prompt_ids, params_from_wire(msg.params, grammars), SINK, msg.session_key,
+                              msg.cache_salt, request_id=msg.request_id)
             except Exception as exc:  # the front end checks first; what it could not know ends the request here
                 refusal = TokenEvent(msg.request_id, (), FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
                 out.put(([refusal], engine_stats(engine, clock), []))

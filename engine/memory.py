@@ -11,6 +11,7 @@ from engine.block_manager import BlockManager
 from engine.model_runner import ModelRunner, PagedModel, scratch_step
 from engine.request import SamplingParams
 from engine.sampler import Sampler
+from engine.structured import bitmask_words, unpack_bitmask
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,11 @@ def profile(model: PagedModel, max_rows: int, max_step_tokens: int, block_size: 
     for req in big.requests:
         runner.start_row(req)
 
-    def largest() -> None:
+    def largest() -> None:  # every row under a grammar too: its mask unpacked on the device
         logits, inputs = runner.run(big)
-        sampler.sample(logits, inputs.sample_rows, inputs.sample_host_rows)
+        bitmask = torch.full((len(inputs.sample_host_rows), bitmask_words(model.vocab_size)), -1, dtype=torch.int32,
+                             device=model.device)
+        sampler.sample(logits, inputs.sample_rows, inputs.sample_host_rows, unpack_bitmask(bitmask, model.vocab_size))
 
     step_bytes = _peak(largest)
     graph_bytes = _peak(lambda: runner.run(decode))

@@ -132,6 +132,10 @@ class EngineProcess:
     def max_context(self) -> int:
         return self.ready.max_context if self.ready else 0
 
+    @property
+    def vocab_size(self) -> int:
+        return self.ready.vocab_size if self.ready else 0
+
     def stats(self) -> dict[str, int]:
         keys = ("running", "waiting", "queued", "kv_blocks_total", "kv_blocks_used", "steps")
         stats = {k: int(self._stats.get(k, 0)) for k in keys}

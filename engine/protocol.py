@@ -13,7 +13,7 @@ import dataclasses
 import pickle
 import socket
 import struct
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import msgspec
 
@@ -64,12 +64,15 @@ _PARAM_FIELDS = [f.name for f in dataclasses.fields(SamplingParams)]
 
 
 def params_to_wire(params: SamplingParams) -> list[Any]:
-    """SamplingParams as a list (sets as sorted lists). A field this cannot send (a compiled object) is refused
-    here, in the front end, rather than failing in the engine."""
+    """SamplingParams as a list (sets as sorted lists). A grammar goes as what defines it, ``[text, prefix ids]``:
+    the engine process compiles its own (grammar state lives with the engine, per row). Any other field this cannot
+    send (a compiled object) is refused here, in the front end, rather than failing in the engine."""
     values = []
     for name in _PARAM_FIELDS:
         value = getattr(params, name)
-        if isinstance(value, (set, frozenset)):
+        if name == "grammar" and value is not None:
+            value = [value.text, list(value.prefix)]
+        elif isinstance(value, (set, frozenset)):
             value = sorted(value)
         elif value is not None and not isinstance(value, (bool, int, float, str)):
             raise TypeError(f"SamplingParams.{name} ({type(value).__name__}) cannot be sent to the engine process")
@@ -77,9 +80,16 @@ def params_to_wire(params: SamplingParams) -> list[Any]:
     return values
 
 
-def params_from_wire(values: list[Any]) -> SamplingParams:
+def params_from_wire(values: list[Any], grammar: Callable[[str, tuple[int, ...]], Any] | None = None
+                     ) -> SamplingParams:
+    """SamplingParams back; ``grammar(text, prefix)`` compiles a constrained request's grammar (the engine's)."""
     kwargs = dict(zip(_PARAM_FIELDS, values))
     kwargs["stop_token_ids"] = frozenset(kwargs.get("stop_token_ids") or ())
+    if kwargs.get("grammar") is not None:
+        if grammar is None:
+            raise ValueError("a constrained request, but structured outputs are off in the engine process")
+        text, prefix = kwargs["grammar"]
+        kwargs["grammar"] = grammar(text, tuple(prefix))
     return SamplingParams(**kwargs)
 
 

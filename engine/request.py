@@ -35,6 +35,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
+    grammar: Any = None  # engine.structured.Grammar: each step's tokens are masked to what it allows
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -105,6 +106,7 @@ class Request:
     queued: bool = True  # submitted and not yet admitted once (counts against the queue bound)
     noise_seed: int | None = None  # the sampler's seed (params.seed or drawn at admission), kept across preemption
     max_tokens: int = 0  # hard cap on len(tokens): prompt + new tokens, bounded by the context
+    matcher: Any = None  # engine.structured.RowMatcher of a request with a grammar: where its output is in it
     cache_salt: str = ""  # prefix-cache blocks are shared only between requests with the same salt (the API key)
 
     def __post_init__(self) -> None:

@@ -22,8 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # What the GPU scripts import: the engine, the whole server (bench.py --server), the NF4 paths.
-MODULES = ["engine", "engine.qwen2", "engine.nf4", "engine.nf4_triton", "shared", "models", "utils", "tasks",
-           "session_socket", "openai_api", "server_starlette", "uvicorn", "websockets.asyncio.client",
+MODULES = ["engine", "engine.qwen2", "engine.structured", "grammars", "engine.nf4", "engine.nf4_triton", "shared",
+           "models", "utils", "tasks", "session_socket", "openai_api", "server_starlette", "uvicorn",
+           "websockets.asyncio.client",
            "bitsandbytes", "bitsandbytes.functional", "transformers", "triton"]
 SCRIPTS = ["scripts/bench.py", "scripts/bench_nf4.py", "tests/conftest.py", "tests/test_gpu.py", "tests/test_nf4.py"]
 

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 PY_VERSION=${PY_VERSION:-3.12}
 WHEEL_DIR=${WHEEL_DIR:-.whl}
-platform=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
+platform=(--platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
           --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 mapfile -t wheels < <(grep -v '^\s*#' scripts/gpu-wheels.txt | awk 'NF {print $1}')
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \

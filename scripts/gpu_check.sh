@@ -6,7 +6,8 @@
 #   CPU dry run:  bash scripts/gpu_check.sh         (no CUDA: every step runs small, what needs CUDA skips)
 #   The plan:     PLAN_ONLY=1 bash scripts/gpu_check.sh
 #
-# Steps (STEPS picks them, default "imports tests nf4 bench"; "tune" sweeps kernel configs and is not default).
+# Steps (STEPS picks them, default "imports tests nf4 bench"; "tune" sweeps kernel configs and is not default, nor
+# "structured": the grammar masks' cost per decode step, after "bench" to compare with its decode step).
 # Engine II (paged attention, mixed steps) in one more command:  STEPS="imports attention sweep" (under 540 s):
 # "attention" runs the attention kernels' tests compiled (bf16 too) and the graph/paged-vs-reference GPU tests;
 # "sweep" runs `bench.py --context-sweep` on the 14B shape: decode over batch {1,8,32} x context {1K,8K,32K} for
@@ -43,7 +44,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 
 declare -A BUDGET=([imports]=${IMPORTS_TIMEOUT:-40} [tests]=${GPU_TEST_TIMEOUT:-150} [nf4]=${NF4_TIMEOUT:-120}
                    [bench]=${BENCH_TIMEOUT:-220} [tune]=${TUNE_TIMEOUT:-400} [attention]=${ATTENTION_TIMEOUT:-120}
-                   [sweep]=${SWEEP_TIMEOUT:-330} [server]=${SERVER_TIMEOUT:-420})
+                   [sweep]=${SWEEP_TIMEOUT:-330} [structured]=${STRUCTURED_TIMEOUT:-200} [server]=${SERVER_TIMEOUT:-420})
 total=0
 for s in $STEPS; do total=$((total + ${BUDGET[$s]:-0})); done
 echo "steps: $STEPS; time budget ${total} s in all ($(for s in $STEPS; do printf '%s %ss, ' "$s" "${BUDGET[$s]:-?}"; done))"
@@ -132,4 +133,17 @@ for mode, r in c.get("decode", {}).items():
 for mode, r in c.get("itl", {}).items():
     print("itl", mode, json.dumps({k: r.get(k) for k in ("itl_p50_ms", "itl_p99_ms", "p99_over_p50", "ttft_ms", "steps_by_kind")}))
 PY
+fi
+if step structured; then  # not a default step (those fill the 540 s): STEPS="imports bench structured"
+  # The masks' cost per decode step at 1/8/32 constrained rows on a 151,665-token vocabulary (trained on the CPU
+  # unless .bench-tokenizer/ was carried: python scripts/bench_structured.py --cache .bench-tokenizer builds it
+  # here), as a share of the bench step's 32-stream decode step when bench.json has one.
+  decode=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['engine']['32']['tpot_p50_ms'])" \
+           "$OUT/bench.json" 2>/dev/null || echo 0)
+  args="--vocab 2000 --steps 6"; [ $GPU -eq 1 ] && args="--steps 40"
+  args="$args ${STRUCTURED_ARGS:-}"
+  timeout "${BUDGET[structured]}" $PY scripts/bench_structured.py --cache .bench-tokenizer --decode-step-ms "$decode" \
+    --out "$OUT/structured.json" $args > /dev/null 2> "$OUT/structured.log"
+  echo "structured exit $?"; tail -3 "$OUT/structured.log"
+  show "$OUT/structured.json" 4000
 fi

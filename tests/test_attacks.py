@@ -19,6 +19,9 @@ from shared import Settings
 from support import HealthProbe, RawWs, WsClient, create_session, running_server, scripted_loader
 
 LOOP_BUDGET_MS = 100  # the issue's bar for /health during an attack (CI: 2 cores)
+# A wall-clock bound on a shared 2-core machine also measures whoever else got the CPUs: an attack that overran
+# the budget is run twice more before it fails. A loop the attack really blocks overruns every time.
+LOOP_TIMING = pytest.mark.flaky(reruns=2, only_rerun=[r"/health took \d+ ms"])
 WORST: dict[str, float] = {}  # attack -> worst /health latency seen (printed at the end with -s)
 REDOS_ARG = "a" * 500 + "!"  # ^(a+)+$ on Python's re: doubling per character (28 took 17 s)
 
@@ -45,7 +48,7 @@ def respond(prompt: str) -> str:
 def settings(tiny_model_dir, tmp_path_factory) -> Settings:
     return Settings(model_id=str(tiny_model_dir), log_file=str(tmp_path_factory.mktemp("log") / "server.log"),
                     kv_block_size=16, max_context=4096, max_batch=8, prefill_chunk=256, rate_limit_per_min=0,
-                    tool_call_retries=0)
+                    tool_call_retries=0, structured_outputs="off")  # scripted invalid calls reach validation
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +133,7 @@ def test_cancel_before_first_step_ends_the_task_exactly_once(app, batched):
 
 # ---- 2. nothing blocks the event loop before a limit applies -----------------------------------------------------------
 @pytest.mark.parametrize("count, status", [(40_000, 413), (8_000, 422)])
+@LOOP_TIMING
 def test_many_tools_at_create_session_are_refused_without_stalling(app, count, status):
     body = json.dumps({"tools": [tool(f"t{i}") for i in range(count)]}).encode()
     r = attack(f"create_session with {count} tools", app, lambda: httpx.post(
@@ -141,6 +145,7 @@ def rpc(method: str, params: dict, request_id: int = 1) -> dict:
     return {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
 
 
+@LOOP_TIMING
 def test_many_tools_in_generate_are_refused_without_stalling(app):
     ws = RawWs(app, create_session(app))
     frame = ws.frame(rpc("generate", {"message": "hi", "tools": [tool(f"t{i}") for i in range(15_000)]}))
@@ -152,6 +157,7 @@ def test_many_tools_in_generate_are_refused_without_stalling(app):
 
 
 @pytest.mark.parametrize("shape", ["12 x 1M characters", "2000 x 6K characters"])
+@LOOP_TIMING
 def test_huge_history_is_priced_before_tokenizing(app, shape):
     ws = RawWs(app, create_session(app))
     count, size = (12, 1_000_000) if shape.startswith("12") else (2000, 6_000)
@@ -164,6 +170,7 @@ def test_huge_history_is_priced_before_tokenizing(app, shape):
     ws.close()
 
 
+@LOOP_TIMING
 def test_a_prompt_tokenized_near_the_limit_does_not_stall_the_loop(app):
     """What the size check lets through (up to max_prompt_tokens x the longest token) is tokenized off the loop."""
     ws = RawWs(app, create_session(app))
@@ -183,6 +190,7 @@ def awaiting_tools(ws: RawWs, tools: list[dict] | None = None, message: str = "c
 
 
 @pytest.mark.parametrize("shape", ["text", "object"])
+@LOOP_TIMING
 def test_huge_tool_result_is_refused_and_the_task_keeps_waiting(app, shape):
     ws = RawWs(app, create_session(app))
     task, call = awaiting_tools(ws)
@@ -199,6 +207,7 @@ def test_huge_tool_result_is_refused_and_the_task_keeps_waiting(app, shape):
     ws.close()
 
 
+@LOOP_TIMING
 def test_catastrophic_pattern_runs_in_linear_time(app):
     ws = RawWs(app, create_session(app))
     check = tool("check", {"type": "object", "properties": {"x": {"type": "string", "pattern": "^(a+)+$"}}})

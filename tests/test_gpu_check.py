@@ -76,3 +76,16 @@ def test_token_path_dry_run_on_the_cpu_reports_json(tmp_path):
     assert set(points) == {"1", "4"}
     for p in points.values():
         assert p["event_loop_us_per_token"] > 0 and p["host_ratio"] > 0 and p["ws"]["tokens"] == 24 * p["streams"]
+
+
+def test_structured_outputs_step_runs_on_the_cpu_and_fits_beside_bench(tmp_path):
+    """The optional "structured" step: masks per decode step against the bench's; with imports and bench it fits
+    one device command."""
+    plan = run_check(tmp_path, PLAN_ONLY="1", STEPS="imports bench structured")
+    budget = re.search(r"steps: (.*); time budget (\d+) s in all", plan.stdout)
+    assert budget and int(budget.group(2)) <= 540, plan.stdout
+    (tmp_path / "bench.json").write_text(json.dumps({"engine": {"32": {"tpot_p50_ms": 40.0}}}))
+    proc = run_check(tmp_path, STEPS="structured", STRUCTURED_ARGS="--rows 1,8")
+    assert proc.returncode == 0 and "structured exit 0" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "structured.json").read_text())
+    assert set(report["per_step"]) == {"1", "8"} and report["share_of_decode_step"]["decode_step_ms"] == 40.0
