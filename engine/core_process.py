@@ -82,7 +82,11 @@ def main(sock: socket.socket, settings: Any, loader: Callable[[Any], Any]) -> No
     """The engine process' entry point (a spawned process: ``settings`` and ``loader`` were pickled)."""
     from shared import engine_config, setup_logging
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C drains the front end, which then stops this process
+    # Ctrl-C and SIGTERM (sent to the whole process group by a terminal or a service manager) are the front end's
+    # to handle: it drains its tasks while this engine keeps serving them, then stops it (or, if the front end
+    # dies, this process sees its socket close and stops).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     setup_logging(settings)
     sock.setblocking(True)
     try:
