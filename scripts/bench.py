@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import threading
@@ -295,91 +294,10 @@ def load_bench_server() -> Any:
     return importlib.import_module("bench_server")
 
 
-def server_section(hf_model: torch.nn.Module, paged: PagedQwen2, args: argparse.Namespace, loaded: Any) -> dict:
-    """The same streams over real WebSockets vs straight into the same server's engine (scripts/bench_server.py),
-    for each engine placement asked for (its own process, a thread of the server's)."""
-    import functools
-    import importlib.util
-    import tempfile
-
-    from shared import GenerationDefaults, LoadedModel, load_model
-
-    bs = load_bench_server()
-    if loaded is None:  # random weights: a tokenizer trained here, sampling restricted to its vocabulary
-        spec = importlib.util.spec_from_file_location("mtm", Path(__file__).with_name("make_tiny_model.py"))
-        mtm = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mtm)
-        tmp = Path(tempfile.mkdtemp())
-        mtm.save_tokenizer(mtm.train_tokenizer(1024), tmp, model_max_length=32768)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tmp)
-        if paged is not None:
-            paged.vocab_size = min(paged.vocab_size, len(tokenizer))
-        here = LoadedModel(hf_model, tokenizer, paged, GenerationDefaults(), frozenset(), "bench", 32768)
-        own = functools.partial(bs.random_model_loader, size=args.size, tokenizer_dir=str(tmp), threads=args.threads,
-                                nf4=torch.cuda.is_available() or args.nf4_on_cpu)
-    else:
-        here = LoadedModel(loaded.hf_model, loaded.tokenizer, paged, GenerationDefaults(), frozenset(),
-                           loaded.name, loaded.max_position_embeddings)
-        own = load_model
-    modes = ["on", "off"] if args.engine_process == "both" else [args.engine_process]
-    if paged is not None:
-        kv_per_token = paged.kv_bytes_per_token()
-    else:  # (--server-only: no model here) K and V of every layer, bf16 on a GPU, at most 4 bytes on a CPU
-        shape = SHAPES[args.size]
-        head_dim = shape["hidden_size"] // shape["num_attention_heads"]
-        kv_per_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * head_dim * (
-            2 if torch.cuda.is_available() else 4)
-    out: dict[str, Any] = {"client": "separate process, one WebSocket per stream"}
-    for mode in modes:
-        log(f"server path, engine process {mode}: {args.server_streams} streams over WebSockets")
-        result = server_mode(here if mode == "off" else None, own, args, mode, bs, kv_per_token)
-        out["engine_process_" + mode] = result
-        if mode == modes[0]:  # the headline figures: the first placement measured
-            first = result["points"][str(args.server_streams[0])]
-            out.update(streams=args.server_streams, summary=result["summary"], ws_tpot_p50_ms=first["ws"]["tpot_p50_ms"],
-                       engine_tpot_p50_ms=first["direct"]["itl_p50_ms"])
-    return out
-
-
-def server_mode(here: Any, own: Any, args: argparse.Namespace, mode: str, bs: Any,
-                kv_per_token: int) -> dict[str, Any]:
-    """One server, its engine in its own process (``here`` None: ``own`` loads the model there) or on a thread."""
-    import uvicorn
-
-    from server_starlette import UVICORN_WS, create_app
-    from shared import Settings
-
-    n, new = max(args.server_streams), args.new_tokens
-    kv_gb = n * (args.prompt_len * 2 + new + 512) * kv_per_token / 2**30
-    settings = Settings(model_id="bench", max_batch=n, kv_cache_gb=max(kv_gb, 0.01), kv_block_size=64,
-                        max_context=args.prompt_len * 2 + new + 512, log_file=os.devnull, log_level="WARNING",
-                        cuda_graphs="off" if args.no_graphs else "on", prefill_chunk=args.prefill_chunk,
-                        max_step_tokens=max(128, n + 64), max_queue=4 * n + 16, engine_process=mode)
-    app = create_app(settings, loader=own if here is None else (lambda s: here))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on",
-                                           **UVICORN_WS))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("the server did not start")
-        time.sleep(0.05)
-    app.base = f"127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    tok = app.state.runtime.tokenizer
-    try:
-        pinned = bs.pin(app.state.runtime, thread) if args.pin else None
-        points: dict[str, Any] = {}
-        for i, count in enumerate(args.server_streams):
-            points[str(count)] = bs.measure(app, app.state.loop, bs.ThreadClock(thread), tok, len(tok) - 30, count,
-                                            new, args.prompt_len, random_prompt, __file__, warm_ws=i == 0, log=log,
-                                            client_cpus={0} if args.pin else None)
-        return {"engine": "own process" if mode == "on" else "thread of the server", "pinned": pinned,
-                "points": points, "summary": bs.summary(points)}
-    finally:
-        server.should_exit = True
-        thread.join(60)
+def server_section(hf_model: torch.nn.Module | None, paged: PagedQwen2 | None, args: argparse.Namespace,
+                   loaded: Any) -> dict:
+    """The token path through the real server (scripts/bench_server.py)."""
+    return load_bench_server().server_section(hf_model, paged, args, loaded, random_prompt, log, SHAPES, __file__)
 
 
 # ---- main ------------------------------------------------------------------------------------------------------

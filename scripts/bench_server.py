@@ -86,7 +86,8 @@ def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]
 
 def per_step(d: dict[str, float]) -> dict[str, float]:
     steps = max(1.0, d["steps"])
-    out = {"steps": int(d["steps"]), "step_ms": ms(d["seconds"] / steps), "host_ms_per_step": ms(d["host_seconds"] / steps)}
+    out = {"steps": int(d["steps"]), "step_ms": ms(d["seconds"] / steps),
+           "host_ms_per_step": ms(d["host_seconds"] / steps)}
     if "runqueue_seconds" in d:  # the engine thread runnable but not running: the machine's other load
         out["engine_runqueue_ms_per_step"] = ms(d["runqueue_seconds"] / steps)
     return out
@@ -172,6 +173,99 @@ def measure(app: Any, loop: asyncio.AbstractEventLoop, loop_cpu: Callable[[], fl
             "itl_ms": {"engine_step": ws["step_ms"], "engine_direct_p50": direct["itl_p50_ms"],
                        "e2e_tpot_p50": ws["tpot_p50_ms"], "e2e_chunk_gap_p99": ws["chunk_gap_p99_ms"]},
             "e2e_vs_engine_itl": round(ws["tpot_p50_ms"] / max(1e-9, direct["itl_p50_ms"]), 3)}
+
+
+# ---- one server per engine placement ---------------------------------------------------------------------------
+def server_section(hf_model: Any, paged: Any, args: Any, loaded: Any,
+                   random_prompt: Callable[[int, int, int], list[int]], log: Callable[[str], None],
+                   shapes: dict[str, dict[str, Any]], script: str) -> dict[str, Any]:
+    """The same streams over real WebSockets vs straight into the same server's engine, for each engine placement
+    asked for (its own process, a thread of the server's). ``paged`` None: nothing was built here (--server-only,
+    the engine process builds the model)."""
+    import functools
+    import importlib.util
+    import tempfile
+
+    import torch
+
+    from shared import GenerationDefaults, LoadedModel, load_model
+
+    if loaded is None:  # random weights: a tokenizer trained here, sampling restricted to its vocabulary
+        spec = importlib.util.spec_from_file_location("mtm", Path(script).with_name("make_tiny_model.py"))
+        mtm = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mtm)
+        tmp = Path(tempfile.mkdtemp())
+        mtm.save_tokenizer(mtm.train_tokenizer(1024), tmp, model_max_length=32768)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+        if paged is not None:
+            paged.vocab_size = min(paged.vocab_size, len(tokenizer))
+        here = LoadedModel(hf_model, tokenizer, paged, GenerationDefaults(), frozenset(), "bench", 32768)
+        own = functools.partial(random_model_loader, size=args.size, tokenizer_dir=str(tmp), threads=args.threads,
+                                nf4=torch.cuda.is_available() or args.nf4_on_cpu)
+    else:
+        here = LoadedModel(loaded.hf_model, loaded.tokenizer, paged, GenerationDefaults(), frozenset(),
+                           loaded.name, loaded.max_position_embeddings)
+        own = load_model
+    modes = ["on", "off"] if args.engine_process == "both" else [args.engine_process]
+    if paged is not None:
+        kv_per_token = paged.kv_bytes_per_token()
+    else:  # (--server-only: no model here) K and V of every layer, bf16 on a GPU, at most 4 bytes on a CPU
+        shape = shapes[args.size]
+        head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+        kv_per_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * head_dim * (
+            2 if torch.cuda.is_available() else 4)
+    out: dict[str, Any] = {"client": "separate process, one WebSocket per stream"}
+    for mode in modes:
+        log(f"server path, engine process {mode}: {args.server_streams} streams over WebSockets")
+        result = server_mode(here if mode == "off" else None, own, args, mode, kv_per_token, random_prompt, log, script)
+        out["engine_process_" + mode] = result
+        if mode == modes[0]:  # the headline figures: the first placement measured
+            first = result["points"][str(args.server_streams[0])]
+            out.update(streams=args.server_streams, summary=result["summary"],
+                       ws_tpot_p50_ms=first["ws"]["tpot_p50_ms"], engine_tpot_p50_ms=first["direct"]["itl_p50_ms"])
+    return out
+
+
+def server_mode(here: Any, own: Any, args: Any, mode: str, kv_per_token: int,
+                random_prompt: Callable[[int, int, int], list[int]], log: Callable[[str], None],
+                script: str) -> dict[str, Any]:
+    """One server, its engine in its own process (``here`` None: ``own`` loads the model there) or on a thread."""
+    import uvicorn
+
+    from server_starlette import UVICORN_WS, create_app
+    from shared import Settings
+
+    n, new = max(args.server_streams), args.new_tokens
+    kv_gb = n * (args.prompt_len * 2 + new + 512) * kv_per_token / 2**30
+    settings = Settings(model_id="bench", max_batch=n, kv_cache_gb=max(kv_gb, 0.01), kv_block_size=64,
+                        max_context=args.prompt_len * 2 + new + 512, log_file=os.devnull, log_level="WARNING",
+                        cuda_graphs="off" if args.no_graphs else "on", prefill_chunk=args.prefill_chunk,
+                        max_step_tokens=max(128, n + 64), max_queue=4 * n + 16, engine_process=mode)
+    app = create_app(settings, loader=own if here is None else (lambda s: here))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on",
+                                           **UVICORN_WS))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.05)
+    app.base = f"127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    tok = app.state.runtime.tokenizer
+    try:
+        pinned = pin(app.state.runtime, thread) if args.pin else None
+        points: dict[str, Any] = {}
+        for i, count in enumerate(args.server_streams):
+            points[str(count)] = measure(app, app.state.loop, ThreadClock(thread), tok, len(tok) - 30, count, new,
+                                         args.prompt_len, random_prompt, script, warm_ws=i == 0, log=log,
+                                         client_cpus={0} if args.pin else None)
+        return {"engine": "own process" if mode == "on" else "thread of the server", "pinned": pinned,
+                "points": points, "summary": summary(points)}
+    finally:
+        server.should_exit = True
+        thread.join(60)
 
 
 def ws_client(base_url: str, texts: list[str], new: int) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ from engine.mp_client import EngineProcess
 from engine.protocol import (Abort, Add, FrameReader, Outputs, decode_from_engine, decode_to_engine, event_from_wire,
                              event_to_wire, frame, params_from_wire, params_to_wire)
 from engine.request import FinishReason, SamplingParams, TokenEvent
-from engine_loaders import STORY, scripted_echo, scripted_story
+from engine_loaders import scripted_echo, scripted_story
 from shared import Settings
 from support import WsClient, create_session, running_server
 
