@@ -28,3 +28,27 @@ def scripted_echo(settings: Any) -> Any:
         user = prompt.rsplit("<|im_start|>user\n", 1)[-1].split("<|im_end|>", 1)[0]
         return f"echo: {user[::-1]}"
     return scripted_loader(echo)(settings)
+
+
+class _Dying:
+    """Wraps a scripted model: a prompt that mentions "die" kills the engine thread (an error no step survives)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def forward(self, input_ids, positions, meta):
+        logits = self.model.forward(input_ids, positions, meta)
+        if any("die" in p for p in self.model.prompts):
+            raise SystemExit("the engine thread dies (injected by the test)")
+        return logits
+
+
+def scripted_dying(settings: Any) -> Any:
+    """``scripted_story``, but a prompt that mentions "die" takes the engine thread down."""
+    from dataclasses import replace
+
+    loaded = scripted_story(settings)
+    return replace(loaded, paged_model=_Dying(loaded.paged_model))

@@ -21,7 +21,7 @@ from engine.mp_client import EngineProcess
 from engine.protocol import (Abort, Add, FrameReader, Outputs, decode_from_engine, decode_to_engine, event_from_wire,
                              event_to_wire, frame, params_from_wire, params_to_wire)
 from engine.request import FinishReason, SamplingParams, TokenEvent
-from engine_loaders import scripted_echo, scripted_story
+from engine_loaders import scripted_dying, scripted_echo, scripted_story
 from shared import Settings
 from support import WsClient, create_session, running_server
 
@@ -93,6 +93,19 @@ def test_the_engine_runs_in_another_process(echo_server):
     engine = echo_server.state.runtime.engine
     assert isinstance(engine, EngineProcess) and engine.alive and engine.pid not in (None, os.getpid())
     assert httpx.get(f"http://{echo_server.base}/ready").json()["status"] == "ready"
+
+
+def test_metrics_come_from_the_engine_process(echo_server):
+    async def go():
+        async with WsClient.connect(echo_server, create_session(echo_server)) as client:
+            task = (await client.call("generate", {"message": "count me"}))["result"]["task_id"]
+            await client.until("end", task_id=task)
+    run(go())
+    text = httpx.get(f"http://{echo_server.base}/metrics").text
+    steps = [line for line in text.splitlines() if line.startswith("inference_step_seconds_count")]
+    assert steps and sum(float(line.split()[-1]) for line in steps) > 0  # the engine's steps, sent with its outputs
+    total = next(line for line in text.splitlines() if line.startswith('inference_kv_cache_blocks{state="total"}'))
+    assert float(total.split()[-1]) > 0
 
 
 def test_streams_arrive_in_order_with_one_end_per_task_and_warm_kv(echo_server):
@@ -184,6 +197,24 @@ def test_engine_killed_mid_stream_fails_every_task_and_ready_turns_503(settings)
         run(go())
         r = httpx.get(f"http://{app.base}/ready")
         assert r.status_code == 503 and "engine process died" in r.json()["reason"]
+
+
+def test_engine_thread_dying_in_the_process_fails_every_task_and_ready_turns_503(settings):
+    with running_server(replace(settings, max_batch=4), scripted_dying) as app:
+        async def go():
+            async with WsClient.connect(app, create_session(app)) as a, \
+                    WsClient.connect(app, create_session(app)) as b:
+                first = (await a.call("generate", {"message": "go", "max_new_tokens": 1000}))["result"]["task_id"]
+                await a.until("text_chunk", task_id=first)
+                second = (await b.call("generate", {"message": "now die", "max_new_tokens": 50}))["result"]
+                for client, task in ((a, first), (b, second["task_id"])):
+                    error = await client.until("error", timeout=10, task_id=task)
+                    end = await client.until("end", timeout=10, task_id=task)
+                    assert "engine" in error["params"]["error"]["message"]
+                    assert end["params"]["finish_reason"] == "error"
+        run(go())
+        r = httpx.get(f"http://{app.base}/ready")
+        assert r.status_code == 503 and "the engine thread dies" in r.json()["reason"]
 
 
 _FRONT_END = r"""
