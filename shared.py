@@ -165,6 +165,11 @@ class Settings:
     replica_id: str = _setting("INFERENCE_REPLICA_ID", _replica, "",
                                "this replica's name (HAProxy's server name): session ids begin with it, so the "
                                "proxy routes each session back here; empty = plain uuid session ids")
+    async_scheduling: str = _setting("INFERENCE_ASYNC_SCHEDULING", _choice("auto", "on", "off"), "auto",
+                                     "schedule and send step N+1 while the GPU runs step N (the host's work per step "
+                                     "hides behind the GPU; a finished row computes one dropped token more); steps "
+                                     "with grammar rows still run one at a time; auto = on with CUDA (a CPU runs "
+                                     "the forward pass itself: nothing to overlap)")
     engine_process: str = _setting("INFERENCE_ENGINE_PROCESS", _choice("auto", "on", "off"), "auto",
                                    "on: the engine (model, scheduler, KV cache) runs in a process of its own, so "
                                    "streaming to clients never slows its steps; off: on a thread of the server's "
@@ -483,7 +488,9 @@ def engine_config(settings: Settings, loaded: LoadedModel) -> EngineConfig:
                         kv_cache_bytes=kv_cache_bytes(settings, loaded.paged_model, max_context),
                         prefill_chunk=settings.prefill_chunk, max_step_tokens=settings.max_step_tokens,
                         attention=settings.attention, max_queue=settings.max_queue,
-                        cuda_graphs=settings.cuda_graphs == "on")
+                        cuda_graphs=settings.cuda_graphs == "on",
+                        async_scheduling=settings.async_scheduling == "on" or (
+                            settings.async_scheduling == "auto" and str(loaded.paged_model.device).startswith("cuda")))
 
 
 

@@ -65,6 +65,7 @@ class EngineConfig:
     max_queue: int = 256  # requests waiting for a slot before submit() refuses more
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs (on CUDA devices)
     static_decode: bool = False  # CPU tests: run decode through the padded static buffers graphs use
+    async_scheduling: bool = False  # schedule and prepare step N+1 while the device runs step N (see Engine._step)
 
     def __post_init__(self) -> None:
         if self.mixed_steps and self.max_step_tokens <= self.max_running:
@@ -72,6 +73,18 @@ class EngineConfig:
                              f"a step carries a decode token for every running sequence and room for prompt tokens")
         if self.prefill_chunk < 1:
             raise ValueError("prefill_chunk must be >= 1")
+
+
+@dataclass
+class Launched:
+    """A step whose forward pass and sampling are queued on the device; its tokens have not been read yet."""
+
+    step: Step
+    kind: str
+    sampled: list[Request]  # the requests a token was sampled for, in order
+    tokens: torch.Tensor | None  # [len(sampled)] on the device
+    started: float
+    host_seconds: float  # scheduling and preparing it
 
 
 @dataclass
@@ -133,6 +146,10 @@ class Engine:
         self.on_step: Callable[[str, int, float], None] | None = None  # (kind, batch size, seconds), engine thread
         self.deliver: Delivery = call_sinks  # a step's events, once per step (engine thread)
         self._outbox: list[tuple[EventSink, TokenEvent]] = []
+        self.runner.last_tokens = self.sampler.last
+        self._in_flight: Launched | None = None  # async scheduling: the step the device is running
+        self._last_done = 0.0
+        self.overlapped = 0  # steps launched while the one before was still on the device
         self.step_stats = StepStats()
         log.info("engine: %d KV blocks x %d tokens (%.2f GiB), max context %d, max batch %d, %s attention, %s steps",
                  num_blocks, bs, num_blocks * bs * model.kv_bytes_per_token() / 2**30, self.max_context,
@@ -234,9 +251,9 @@ class Engine:
     # ---- engine thread ----------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            while self._drain(block=not self.scheduler.has_work):
+            while self._drain(block=not self.scheduler.has_work and self._in_flight is None):
                 self._flush()  # what the inbox finished (aborts)
-                if self.scheduler.has_work:
+                if self.scheduler.has_work or self._in_flight is not None:
                     self.step()
             self._fail_all(FinishReason.CANCELLED, None)
         except BaseException as exc:  # the loop itself broke: nobody may wait forever
@@ -294,15 +311,46 @@ class Engine:
                 spent = time.perf_counter() - started
                 self.step_stats.host_seconds += spent
                 self.step_stats.seconds += spent
+                self._last_done += spent  # (the next overlapped step's time starts after this hand-off)
 
     def _step(self) -> None:
+        """Launch the next step, then finish the one before: with async scheduling, step N+1 is scheduled and its
+        inputs sent while the device still runs step N (its decode inputs are N's tokens, read on the device), and
+        N's tokens are read (the one sync) with N+1 already queued behind it, so the host's postprocessing and
+        scheduling hide behind the device. A request's finish is then known one step late: a row that stopped
+        at N computes one more token at N+1, dropped. Grammar rows need N's token before N+1's mask: any in the
+        batch, and the steps run one at a time."""
+        if self._in_flight is not None and not self._may_overlap():
+            self._complete(self._take_in_flight())
+        launched = self._launch()
+        if self._in_flight is not None:
+            if launched is not None:
+                self.overlapped += 1
+            self._complete(self._take_in_flight())
+        if launched is not None:
+            if self.config.async_scheduling and self._may_overlap():
+                self._in_flight = launched
+            else:
+                self._complete(launched)
+
+    def _take_in_flight(self) -> Launched:
+        launched, self._in_flight = self._in_flight, None
+        return launched
+
+    def _may_overlap(self) -> bool:
+        return not any(req.matcher is not None for req in self.scheduler.running)
+
+    def _launch(self) -> Launched | None:
+        """Schedule a step, send its inputs, queue its forward pass and sampling; None when there is nothing to run
+        (or it failed to launch)."""
         started = time.perf_counter()
         self.admit()
         step, _preempted = self.scheduler.schedule()
         if step is None:
-            return
+            return None
         self.steps += 1
         scheduled = time.perf_counter()
+        kind = step.kind
         sampled = [req for i, req in enumerate(step.requests) if step.completes(i)]
         try:
             logits, inputs = self.runner.run(step)
@@ -310,20 +358,38 @@ class Engine:
             # step: nothing above waited for it. Rows without a grammar pay nothing; a step without any, not this.
             bitmask = self.masks.fill([req.matcher for req in sampled]) if sampled else None
             allowed = unpack_bitmask(bitmask, self.sampler.vocab_size) if bitmask is not None else None
-            # the step's one read from the device: the sampled tokens
-            tokens = self.sampler.sample(logits, inputs.sample_rows, inputs.sample_host_rows, allowed).tolist() \
-                if sampled else []
+            tokens = self.sampler.sample(logits, inputs.sample_rows, inputs.sample_host_rows, allowed) \
+                if sampled else None
         except Exception as exc:  # fails this step's requests only; the engine goes on
             self._step_failed(step, exc)
+            return None
+        for req, count in zip(step.requests, step.counts):
+            req.num_computed += count  # (being) computed: the next step is scheduled past it
+        for req in sampled:
+            req.in_flight += 1
+        return Launched(step, kind, sampled, tokens, started, scheduled - started + self.runner.last_prepare_seconds)
+
+    def _complete(self, launched: Launched) -> None:
+        """Read a launched step's tokens (the step's one read from the device) and postprocess them."""
+        step, sampled = launched.step, launched.sampled
+        try:
+            tokens = launched.tokens.tolist() if sampled else []
+        except Exception as exc:  # an error the device reports late: every request of the step ends with it
+            log.exception("forward step failed on the device (%d requests)", len(step.requests))
+            for req in sampled:
+                req.in_flight -= 1
+            for req in step.requests:
+                self._finish(req, FinishReason.ERROR, error=f"generation failed: {exc!r}")
             return
         computed = time.perf_counter()
-        for req, count in zip(step.requests, step.counts):
-            req.num_computed += count
-            self.blocks.on_computed(req)
+        for req in step.requests:
+            if req.status is RequestStatus.RUNNING:
+                self.blocks.on_computed(req)
         for req, token in zip(sampled, tokens):
-            self._append(req, token)
-        done = time.perf_counter()
-        self._account(step, started, scheduled, computed, done)
+            req.in_flight -= 1
+            if req.status is not RequestStatus.FINISHED:  # (finished meanwhile: aborted, or stopped a step ago)
+                self._append(req, token)
+        self._account(launched, computed, time.perf_counter())
 
     def _step_failed(self, step: Step, exc: Exception) -> None:
         """A failed mixed step fails its prompt chunks' requests (the likely cause: a big chunk running out of
@@ -338,15 +404,17 @@ class Engine:
             if not (mixed and id(req) in decodes):
                 self._finish(req, FinishReason.ERROR, error=f"generation failed: {exc!r}")
 
-    def _account(self, step: Step, started: float, scheduled: float, computed: float, done: float) -> None:
+    def _account(self, launched: Launched, computed: float, done: float) -> None:
         stats = self.step_stats
         stats.steps += 1
-        stats.seconds += done - started
-        stats.host_seconds += (scheduled - started) + self.runner.last_prepare_seconds + (done - computed)
-        stats.by_kind[step.kind] = stats.by_kind.get(step.kind, 0) + 1
+        wall = done - max(launched.started, self._last_done)  # (overlapped: from the step before's end)
+        self._last_done = done
+        stats.seconds += wall
+        stats.host_seconds += launched.host_seconds + (done - computed)
+        stats.by_kind[launched.kind] = stats.by_kind.get(launched.kind, 0) + 1
         if self.on_step is not None:
             try:
-                self.on_step(step.kind, len(step.requests), done - started)
+                self.on_step(launched.kind, len(launched.step.requests), wall)
             except Exception:
                 log.exception("on_step hook failed")
 
@@ -362,7 +430,7 @@ class Engine:
         req.tokens.append(token)
         if req.matcher is not None and req.matcher.done:  # the grammar is complete: only a stop token could follow
             self._finish(req, FinishReason.STOP, (token,))
-        elif req.num_output_tokens >= params.max_new_tokens or req.num_tokens >= req.max_tokens:
+        elif req.num_output_tokens >= params.max_new_tokens or len(req.tokens) >= req.max_tokens:
             self._finish(req, FinishReason.LENGTH, (token,))
         else:
             self._emit(req, (token,), None, None, req.num_output_tokens)

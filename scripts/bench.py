@@ -244,7 +244,8 @@ def make_engine(model: PagedQwen2, streams: list[int], max_context: int, graphs:
                 kv_tokens: int) -> Engine:
     config = EngineConfig(max_running=max(streams), max_context=max_context, block_size=64,
                           kv_cache_bytes=kv_tokens * model.kv_bytes_per_token(), prefill_chunk=prefill,
-                          max_queue=4 * max(streams) + 16, cuda_graphs=graphs)
+                          max_queue=4 * max(streams) + 16, cuda_graphs=graphs,
+                          async_scheduling=torch.cuda.is_available())  # what the server runs (auto)
     engine = Engine(model, config)
     engine.start()
     return engine

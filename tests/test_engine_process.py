@@ -136,7 +136,8 @@ def test_streams_arrive_in_order_with_one_end_per_task_and_warm_kv(echo_server):
 
 @pytest.fixture(scope="module")
 def story_server(settings):
-    with running_server(replace(settings, max_batch=4), scripted_story) as app:
+    # async scheduling on (auto is off on a CPU): cancel and disconnect with a step in flight in the engine process
+    with running_server(replace(settings, max_batch=4, async_scheduling="on"), scripted_story) as app:
         yield app
 
 
