@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.devices import sm_count
+
 BACKENDS = ("auto", "paged", "reference")
 LOG2E = 1.4426950408889634
 
@@ -178,16 +180,6 @@ class KernelShapes:
 
 
 SHAPES = KernelShapes()
-_SM_COUNT: dict[int, int] = {}
-
-
-def sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def pick_decode_splits(batch: int, kv_heads: int, sms: int, max_splits: int = 64) -> int:
@@ -243,44 +235,3 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
             PRECISION=precision, num_warps=shapes.prefill_num_warps, num_stages=shapes.num_stages)
     return out
 
-
-def self_check(heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-               device: torch.device) -> str | None:
-    """Run the paged kernels once against the reference on random data of the model's shapes (decodes, one long
-    enough to split, and chunks continuing prefixes): None when they agree within ``dtype``'s precision, else why
-    not (a compile or launch failure included). What it compiles is what serving needs anyway."""
-    try:
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        contexts, query_lens = [700, 1, 90, 200], [1, 1, 40, 130]
-        blocks = [-(-c // block_size) for c in contexts]
-        table = torch.zeros(len(contexts) + 1, max(blocks), dtype=torch.long)
-        first = 1
-        for i, n in enumerate(blocks):
-            table[i, :n] = torch.arange(first, first + n)
-            first += n
-        k, v = (torch.randn(first * block_size, kv_heads, head_dim, generator=gen).to(device, dtype)
-                for _ in range(2))
-        q = torch.randn(sum(query_lens), heads, head_dim, generator=gen).to(device, dtype)
-        starts = torch.tensor([0, 1, 2, 42, 172])
-        t = lambda x: torch.as_tensor(x, dtype=torch.long).to(device)  # noqa: E731
-        meta = AttentionMetadata("paged", block_size, t(table), t(range(len(contexts))), t(contexts), t(starts),
-                                 t([0] * int(starts[-1])), t(starts[1:] - 1), 2, query_lens)
-        scale = head_dim ** -0.5
-        want = reference_attention(q.float(), k.float(), v.float(), meta, scale)
-        err = (paged_attention(q, k, v, meta, scale).float() - want).abs().max().item()
-        limit = (1e-4 if dtype == torch.float32 else 2e-2) * want.abs().max().item()
-        if not err <= limit:
-            return f"self-check mismatch: max error {err:.3g} (allowed {limit:.3g})"
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-def compile_count() -> int:
-    """Attention kernels Triton has compiled so far in this process (0 under the interpreter)."""
-    try:
-        from engine import attention_triton as kern
-    except ImportError:
-        return 0
-    return sum(len(entry[0]) for fn in (kern.decode_kernel, kern.reduce_kernel, kern.prefill_kernel)
-               for entry in getattr(fn, "device_caches", {}).values())

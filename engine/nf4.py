@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.devices import sm_count
+
 log = logging.getLogger(__name__)
 
 BLOCKSIZE = 64
@@ -161,18 +163,8 @@ class KernelConfig:
 
 
 GEMV_MAX_M = 4
-_SM_COUNT: dict[int, int] = {}
 # (kind, N, K, M) -> config; scripts/bench_nf4.py --tune prints the best per shape to paste here.
 TUNED: dict[tuple[str, int, int, int], KernelConfig] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def pick_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
@@ -186,7 +178,7 @@ def pick_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
     tuned = TUNED.get((kind, n, k, bucket_m))
     if tuned is not None:
         return tuned
-    sms = _sm_count(device)
+    sms = sm_count(device)
     if kind == "gemv":
         block_n, block_k = 16, (256 if k % 256 == 0 else 128 if k % 128 == 0 else 64)
         split = max(1, min(k // block_k, cdiv(8 * sms, cdiv(n, block_n))))
