@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from starlette.websockets import WebSocket
@@ -38,7 +38,31 @@ class Connection:
         self.overflowed = asyncio.Event()  # the socket is done for: stalled client, or the sender stopped
         self.stalled = False  # ...because the client stopped reading
         self.closing = False
+        self.on_drained: Callable[[], None] | None = None  # called once when everything queued has been written
+        self.held_messages = 0  # text_chunks held back while behind (coalesced): they count against the bounds
+        self.held_bytes = 0
         self.sender = asyncio.get_running_loop().create_task(self._send_loop())
+
+    @property
+    def behind(self) -> bool:
+        """Messages wait to be written: the client reads slower than the stream comes (the socket's buffer is
+        full and the sender waits on it), or the sender has not had its turn yet."""
+        return not self.queue.empty()
+
+    def hold(self, size: int) -> None:
+        """A message's worth of text is held back (coalescing while behind) instead of queued: it counts against the
+        bounds as the message it stands for, so a client that has stopped reading is dropped as soon as it would
+        have been without coalescing."""
+        self.held_messages += 1
+        self.held_bytes += size
+        if self.queue.qsize() + self.held_messages >= self.queue.maxsize:
+            self._overflow(f"{self.queue.qsize()} messages and {self.held_messages} held")
+        elif self.queued_bytes + self.held_bytes > self.max_bytes:
+            self._overflow(f"{self.queued_bytes} bytes and {self.held_bytes} held")
+
+    def released(self) -> None:
+        """The held text went out (as one message)."""
+        self.held_messages = self.held_bytes = 0
 
     def send(self, message: dict[str, Any] | list[Any]) -> None:
         if self.overflowed.is_set() or self.closing:
@@ -77,6 +101,9 @@ class Connection:
                 await self.websocket.send_text(text)
             self.backlog = []
             while True:
+                if self.on_drained is not None and self.queue.empty():
+                    drained, self.on_drained = self.on_drained, None
+                    drained()
                 item = await self.queue.get()
                 if isinstance(item, _Close):
                     await self.websocket.close(item.code, item.reason)

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from pydantic import BaseModel, ValidationError
 
 from models import JSONRPC_VERSION, ErrorCode
@@ -151,6 +152,23 @@ def encode(message: dict[str, Any] | list[Any]) -> tuple[str, int]:
     except UnicodeEncodeError:
         text = json.dumps(message)
         return text, len(text)
+
+
+_json_string = msgspec.json.Encoder().encode
+_CHUNK_HEAD = b'{"jsonrpc": "2.0", "method": "text_chunk", "params": {"session_id": '
+
+
+def encode_text_chunk(session_id: str, task_id: str, chunk: str, seq: int) -> tuple[str, int]:
+    """``encode`` of a ``text_chunk`` notification, the same text byte for byte (json.dumps' separators and
+    escapes), at a fraction of its cost: the strings are escaped by msgspec (C) and the frame around them is
+    constant. This is the message sent once per piece of streamed text."""
+    try:
+        data = b"".join((_CHUNK_HEAD, _json_string(session_id), b', "task_id": ', _json_string(task_id),
+                         b', "chunk": ', _json_string(chunk), b', "seq": ', str(seq).encode(), b"}}"))
+    except UnicodeEncodeError:  # a lone surrogate: json.dumps' escaped form
+        return encode({"jsonrpc": "2.0", "method": "text_chunk",
+                       "params": {"session_id": session_id, "task_id": task_id, "chunk": chunk, "seq": seq}})
+    return data.decode("utf-8"), len(data)
 
 
 def notification(method: str, params: BaseModel | dict[str, Any]) -> dict[str, Any]:

@@ -61,17 +61,10 @@ class Metrics:
         self.kv_usage.set(used / total if total else 0)
         self.kv_blocks.labels("used").set(used)
         self.kv_blocks.labels("total").set(total)
-        self._gpu()
+        for kind in ("allocated", "reserved"):  # the engine's figures (it may run in another process)
+            if f"gpu_{kind}_bytes" in engine_stats:
+                self.gpu_memory.labels(kind).set(engine_stats[f"gpu_{kind}_bytes"])
         return generate_latest(self.registry)
-
-    def _gpu(self) -> None:
-        try:
-            import torch
-        except ImportError:  # pragma: no cover
-            return
-        if torch.cuda.is_available():
-            self.gpu_memory.labels("allocated").set(torch.cuda.memory_allocated())
-            self.gpu_memory.labels("reserved").set(torch.cuda.memory_reserved())
 
     def count(self, method: str, error: Any = None) -> None:
         outcome = "ok" if error is None else str(error)

@@ -370,4 +370,4 @@ async def list_models(request: Request) -> Response:
         return OpenAIError(401, "missing or invalid API key", code="invalid_api_key").response()
     return JSONResponse({"object": "list", "data": [{
         "id": rt.model.name, "object": "model", "created": int(rt.started_at), "owned_by": "local",
-        "root": rt.settings.model_id, "max_model_len": rt.engine.engine.max_context, **rt.model.serving_info}]})
+        "root": rt.settings.model_id, "max_model_len": rt.engine.max_context, **rt.model.serving_info}]})

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -22,8 +22,8 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from auth import ApiKeys, RateLimiter, TicketBook, TicketBookFull
-from engine import AsyncEngine, Engine, EngineConfig
-from engine.attention import resolve_backend
+from engine import AsyncEngine, Engine
+from engine.mp_client import EngineProcess, can_spawn
 from engine.structured import GrammarTokenizer
 from grammars import GrammarCompiler
 from http_guard import BodyError, HostGuard, read_json_body, uvicorn_options
@@ -35,9 +35,12 @@ from openai_api import chat_completions, list_models
 from session_socket import GOING_AWAY, METHODS, REPLICA_HEADER, ws_session
 from session_store import SessionStore, StoreError, committed
 from sessions import SessionRegistry, dump_tools
-from shared import (ConfigError, LoadedModel, Runtime, Settings, check_model_source, kv_cache_bytes, load_model,
+from shared import (ConfigError, LoadedModel, Runtime, Settings, check_model_source, engine_config, load_model,
                     setup_logging)
 from workers import off_loop
+
+if TYPE_CHECKING:
+    from shared import EngineClient
 
 log = logging.getLogger("inference.server")
 UVICORN_WS = {"ws_per_message_deflate": False}  # see http_guard.uvicorn_options
@@ -183,7 +186,7 @@ async def ready(request: Request) -> JSONResponse:
     rt: Runtime | None = getattr(request.app.state, "runtime", None)
     if rt is None:
         return JSONResponse({"status": "loading"}, status_code=503)
-    engine, store = rt.engine.engine, rt.sessions.store.status()
+    engine, store = rt.engine, rt.sessions.store.status()
     if rt.draining or not engine.alive:
         reason = "shutting down" if rt.draining else engine.dead_reason or "engine not running"
         return JSONResponse({"status": "unavailable", "reason": reason, "session_store": store}, status_code=503)
@@ -197,7 +200,7 @@ async def metrics(request: Request) -> Response:
     rt: Runtime = request.app.state.runtime
     if rt.keys.enabled and isinstance(owner := authenticate(request, rt), Response):
         return owner
-    text = rt.metrics.render(rt.engine.engine.stats(), len(rt.sessions), len(rt.connections),
+    text = rt.metrics.render(rt.engine.stats(), len(rt.sessions), len(rt.connections),
                              len(rt.sessions.active_tasks))
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -211,27 +214,6 @@ async def playground(request: Request) -> Response:
 
 
 # ---- app ---------------------------------------------------------------------------------------------------------
-def engine_config(settings: Settings, loaded: LoadedModel) -> EngineConfig:
-    max_context = settings.max_context or loaded.max_position_embeddings
-    if max_context > loaded.max_position_embeddings:
-        log.warning("INFERENCE_MAX_CONTEXT=%d exceeds the model's %d positions: using %d", max_context,
-                    loaded.max_position_embeddings, loaded.max_position_embeddings)
-        max_context = loaded.max_position_embeddings
-    if settings.max_step_tokens <= settings.max_batch:
-        raise ConfigError(f"INFERENCE_MAX_STEP_TOKENS={settings.max_step_tokens} must exceed INFERENCE_MAX_BATCH="
-                          f"{settings.max_batch}: a step carries a token for every running sequence and room for "
-                          f"prompt tokens")
-    try:
-        resolve_backend(settings.attention, loaded.paged_model.device)
-    except ValueError as exc:
-        raise ConfigError(f"INFERENCE_ATTENTION={settings.attention}: {exc}") from None
-    return EngineConfig(max_running=settings.max_batch, max_context=max_context, block_size=settings.kv_block_size,
-                        kv_cache_bytes=kv_cache_bytes(settings, loaded.paged_model, max_context),
-                        prefill_chunk=settings.prefill_chunk, max_step_tokens=settings.max_step_tokens,
-                        attention=settings.attention, max_queue=settings.max_queue,
-                        cuda_graphs=settings.cuda_graphs == "on")
-
-
 async def _expire_sessions(sessions: SessionRegistry) -> None:
     while True:
         await asyncio.sleep(min(60.0, sessions.idle_timeout_s / 2))
@@ -241,7 +223,8 @@ async def _expire_sessions(sessions: SessionRegistry) -> None:
             log.exception("session maintenance failed")
 
 
-def build_runtime(settings: Settings, loaded: LoadedModel) -> Runtime:
+def build_runtime(settings: Settings, loaded: LoadedModel, engine: EngineClient | None = None) -> Runtime:
+    """The runtime around an engine client (default: the engine on a thread of this process, from ``loaded``)."""
     keys = ApiKeys.load(settings.api_key, settings.api_keys_file)
     if not keys.enabled and settings.host not in LOOPBACK:
         log.warning("no API key is configured and the server listens on %s: anyone who can reach this port can "
@@ -249,7 +232,8 @@ def build_runtime(settings: Settings, loaded: LoadedModel) -> Runtime:
     elif keys.enabled:
         log.info("API keys required (%d configured)", len(keys))
     metrics_ = Metrics()
-    engine = Engine(loaded.paged_model, engine_config(settings, loaded))
+    if engine is None:
+        engine = AsyncEngine(Engine(loaded.paged_model, engine_config(settings, loaded)))
     engine.on_step = metrics_.on_step
     max_token_chars(loaded.tokenizer)  # computed once here, not by the first request
     store = SessionStore.open(settings.session_store, max_bytes=settings.session_max_bytes,
@@ -261,11 +245,12 @@ def build_runtime(settings: Settings, loaded: LoadedModel) -> Runtime:
                                replay_keep_s=settings.resume_grace_s,
                                on_remove=lambda session: engine.release_session(session.session_id))
     sessions.on_lost_task = metrics_.lost_tasks.inc
-    return Runtime(settings, loaded, AsyncEngine(engine), sessions, keys, TicketBook(settings.ticket_ttl_s),
-                   RateLimiter(settings.rate_limit_per_min), metrics_, grammar_compiler(settings, loaded))
+    return Runtime(settings, loaded, engine, sessions, keys, TicketBook(settings.ticket_ttl_s),
+                   RateLimiter(settings.rate_limit_per_min), metrics_,
+                   grammar_compiler(settings, loaded, engine.vocab_size))
 
 
-def grammar_compiler(settings: Settings, loaded: LoadedModel) -> GrammarCompiler | None:
+def grammar_compiler(settings: Settings, loaded: LoadedModel, vocab_size: int) -> GrammarCompiler | None:
     """The grammar engine's view of the tokenizer (it walks the whole vocabulary: about a second for Qwen's),
     built once at start-up, or None with INFERENCE_STRUCTURED_OUTPUTS=off."""
     if settings.structured_outputs == "off":
@@ -275,7 +260,7 @@ def grammar_compiler(settings: Settings, loaded: LoadedModel) -> GrammarCompiler
         log.warning("structured outputs are off: the model has no stop token")
         return None
     started = time.perf_counter()
-    tokenizer = GrammarTokenizer(loaded.tokenizer, loaded.paged_model.vocab_size, sorted(loaded.stop_token_ids))
+    tokenizer = GrammarTokenizer(loaded.tokenizer, vocab_size, sorted(loaded.stop_token_ids))
     compiler = GrammarCompiler(tokenizer)
     log.info("structured outputs: grammar tokenizer ready in %.2f s (tool tags are tokens: %s)",
              time.perf_counter() - started, compiler.tags_are_tokens)
@@ -302,6 +287,20 @@ async def drain(rt: Runtime) -> None:
         await asyncio.sleep(0.05)
 
 
+def engine_in_own_process(settings: Settings, loader: Callable[[Settings], LoadedModel]) -> bool:
+    """INFERENCE_ENGINE_PROCESS: on, off, or auto (on where the loader can be sent to a new process: the server's
+    own always can; a test's lambda cannot)."""
+    if settings.engine_process == "off":
+        return False
+    if can_spawn(loader):
+        return True
+    if settings.engine_process == "on":
+        raise ConfigError("INFERENCE_ENGINE_PROCESS=on: this app's model loader cannot be sent to another process "
+                          "(a lambda or a closure); use a module-level function, or INFERENCE_ENGINE_PROCESS=off")
+    log.info("the engine runs on a thread of this process (its loader cannot be sent to another process)")
+    return False
+
+
 def create_app(settings: Settings | None = None, *,
                loader: Callable[[Settings], LoadedModel] = load_model) -> Starlette:
     """The ASGI app. The model is loaded by ``loader`` in the lifespan, once, and the engine started."""
@@ -310,10 +309,16 @@ def create_app(settings: Settings | None = None, *,
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         setup_logging(settings)
-        loaded = await asyncio.to_thread(loader, settings)
-        rt = build_runtime(settings, loaded)
-        await asyncio.to_thread(rt.engine.engine.start)  # captures the decode graphs (CUDA) before /ready
+        if engine_in_own_process(settings, loader):
+            client = EngineProcess(settings, loader)
+            loaded = await client.start()  # loads the model there, captures the decode graphs (CUDA) before /ready
+            rt = build_runtime(settings, loaded, client)
+        else:
+            loaded = await asyncio.to_thread(loader, settings)
+            rt = build_runtime(settings, loaded)
+            await rt.engine.start()  # captures the decode graphs (CUDA) before /ready
         app.state.runtime = rt
+        app.state.loop = asyncio.get_running_loop()
         app.state.dispatcher = Dispatcher(METHODS, observe=rt.metrics.count, max_batch=settings.rpc_max_batch,
                                           max_values=settings.max_json_values, offload=off_loop)
         expiry = asyncio.create_task(_expire_sessions(rt.sessions))
@@ -324,7 +329,7 @@ def create_app(settings: Settings | None = None, *,
             expiry.cancel()
             await rt.sessions.close_all()
             await rt.sessions.store.close()  # the last writes (each task's end) land before the process exits
-            await asyncio.to_thread(rt.engine.engine.stop)
+            await rt.engine.stop()
             log.info("stopped")
 
     middleware = [Middleware(HostGuard, allowed=settings.allowed_hosts, bind_host=settings.host)]

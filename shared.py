@@ -18,7 +18,10 @@ from store_backends import check_url
 
 if TYPE_CHECKING:  # heavy imports happen inside load_model, never at import time
     from auth import ApiKeys, RateLimiter, TicketBook
-    from engine import AsyncEngine
+    from engine import AsyncEngine, EngineConfig
+    from engine.mp_client import EngineProcess
+
+    EngineClient = AsyncEngine | EngineProcess  # the engine as the transport sees it: on a thread, or a process
     from metrics import Metrics
     from sessions import SessionRegistry
 
@@ -162,6 +165,20 @@ class Settings:
     replica_id: str = _setting("INFERENCE_REPLICA_ID", _replica, "",
                                "this replica's name (HAProxy's server name): session ids begin with it, so the "
                                "proxy routes each session back here; empty = plain uuid session ids")
+    async_scheduling: str = _setting("INFERENCE_ASYNC_SCHEDULING", _choice("auto", "on", "off"), "auto",
+                                     "schedule and send step N+1 while the GPU runs step N (the host's work per step "
+                                     "hides behind the GPU; a finished row computes one dropped token more); steps "
+                                     "with grammar rows still run one at a time; auto = on with CUDA (a CPU runs "
+                                     "the forward pass itself: nothing to overlap)")
+    engine_process: str = _setting("INFERENCE_ENGINE_PROCESS", _choice("auto", "on", "off"), "auto",
+                                   "on: the engine (model, scheduler, KV cache) runs in a process of its own, so "
+                                   "streaming to clients never slows its steps; off: on a thread of the server's "
+                                   "process; auto: on, unless the model loader cannot be sent to another process "
+                                   "(tests' scripted models)")
+    stream_coalesce: str = _setting("INFERENCE_STREAM_COALESCE", _choice("on", "off"), "on",
+                                    "while a client reads slower than its stream comes (its socket's messages wait to "
+                                    "be written), join the text of later tokens into one text_chunk; the first chunk "
+                                    "of a model call is never held")
     ws_max_message_bytes: int = _setting("INFERENCE_WS_MAX_MESSAGE_BYTES", _int(1024), 16 * 2**20,
                                          "largest WebSocket message (and HTTP body) accepted")
     ws_send_queue: int = _setting("INFERENCE_WS_SEND_QUEUE", _int(16), 4096,
@@ -449,6 +466,34 @@ def kv_cache_bytes(settings: Settings, paged_model: Any, max_context: int) -> in
     return min(4 * 2**30, max(max_context * per_token, max_context * per_token * min(settings.max_batch, 8)))
 
 
+def engine_config(settings: Settings, loaded: LoadedModel) -> EngineConfig:
+    """The engine's configuration from the settings and the loaded model (checked: a bad value names its variable)."""
+    max_context = settings.max_context or loaded.max_position_embeddings
+    if max_context > loaded.max_position_embeddings:
+        log.warning("INFERENCE_MAX_CONTEXT=%d exceeds the model's %d positions: using %d", max_context,
+                    loaded.max_position_embeddings, loaded.max_position_embeddings)
+        max_context = loaded.max_position_embeddings
+    if settings.max_step_tokens <= settings.max_batch:
+        raise ConfigError(f"INFERENCE_MAX_STEP_TOKENS={settings.max_step_tokens} must exceed INFERENCE_MAX_BATCH="
+                          f"{settings.max_batch}: a step carries a token for every running sequence and room for "
+                          f"prompt tokens")
+    from engine import EngineConfig
+    from engine.attention import resolve_backend
+
+    try:
+        resolve_backend(settings.attention, loaded.paged_model.device)
+    except ValueError as exc:
+        raise ConfigError(f"INFERENCE_ATTENTION={settings.attention}: {exc}") from None
+    return EngineConfig(max_running=settings.max_batch, max_context=max_context, block_size=settings.kv_block_size,
+                        kv_cache_bytes=kv_cache_bytes(settings, loaded.paged_model, max_context),
+                        prefill_chunk=settings.prefill_chunk, max_step_tokens=settings.max_step_tokens,
+                        attention=settings.attention, max_queue=settings.max_queue,
+                        cuda_graphs=settings.cuda_graphs == "on",
+                        async_scheduling=settings.async_scheduling == "on" or (
+                            settings.async_scheduling == "auto" and str(loaded.paged_model.device).startswith("cuda")))
+
+
+
 # ---- runtime -------------------------------------------------------------------------------------------------
 @dataclass
 class Runtime:
@@ -456,7 +501,7 @@ class Runtime:
 
     settings: Settings
     model: LoadedModel
-    engine: AsyncEngine
+    engine: EngineClient
     sessions: SessionRegistry
     keys: ApiKeys
     tickets: TicketBook

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from engine import RequestStream, SamplingParams
 from grammars import TurnGrammars
-from jsonrpc import RpcError, clip, encode
+from jsonrpc import RpcError, clip, encode, encode_text_chunk
 from log_context import task_var
 from models import (EndParams, ErrorCode, ErrorNotificationParams, FunctionCallRequestParams, JsonRpcError,
                     ToolCallRequest, ToolDefinition, ToolResultItem, Usage)
@@ -74,6 +74,10 @@ class Session:
     lost_task: str | None = None  # a task the store says was running when its process died
     too_large: bool = False  # the last write was refused: larger than the store allows
     saver: Callable[[Session], asyncio.Future[Any] | None] | None = None
+    # text of the running task not sent yet because the socket was behind (sent with the next chunk, when the
+    # socket has caught up, or before any other notification)
+    held: str = ""
+    held_task: str = ""
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
@@ -81,15 +85,50 @@ class Session:
     def emit(self, method: str, params: BaseModel) -> int:
         return self.emit_raw(method, params.model_dump(mode="json"))
 
+    def emit_chunk(self, task_id: str, text: str, coalesce: bool) -> None:
+        """A ``text_chunk``. With ``coalesce``, while the socket is behind (messages already wait to be written)
+        the text is held and joined to the next chunk instead: a slow client gets fewer, longer chunks, and the
+        server encodes and frames fewer messages. Held text goes out as soon as the socket has caught up, and
+        counts against the socket's bounds meanwhile (a client that stopped reading is still dropped)."""
+        conn = self.connection
+        if coalesce and conn is not None and conn.behind:
+            if not self.held:
+                conn.on_drained = self.flush_held
+            self.held += text
+            self.held_task = task_id
+            conn.hold(len(text) + 160)  # (the notification's size, about)
+            return
+        if self.held:
+            text, self.held = self.held + text, ""
+            if conn is not None:
+                conn.released()
+        self._emit_chunk(task_id, text)
+
+    def flush_held(self) -> None:
+        """Send the held text now (its socket caught up, or another notification must follow it)."""
+        if self.held:
+            text, self.held = self.held, ""
+            if self.connection is not None:
+                self.connection.released()
+            self._emit_chunk(self.held_task, text)
+
+    def _emit_chunk(self, task_id: str, text: str) -> None:
+        self.seq += 1
+        self._send(self.seq, *encode_text_chunk(self.session_id, task_id, text, self.seq))
+
     def emit_raw(self, method: str, params: dict[str, Any]) -> int:
         """Number a notification, keep it for resuming clients, send it to the attached socket; its seq."""
+        if self.held and method != "text_chunk":  # held text comes first, in order
+            self.flush_held()
         self.seq += 1
         params["seq"] = self.seq
-        text, size = encode({"jsonrpc": "2.0", "method": method, "params": params})
-        self.replay.add(self.seq, text, size)
+        self._send(self.seq, *encode({"jsonrpc": "2.0", "method": method, "params": params}))
+        return self.seq
+
+    def _send(self, seq: int, text: str, size: int) -> None:
+        self.replay.add(seq, text, size)
         if self.emitter is not None:
             self.emitter(text, size)
-        return self.seq
 
     def forget_replay_later(self) -> None:
         """A task ended: its notifications go ``replay_keep_s`` later, unless another task has begun by then."""

@@ -2,13 +2,14 @@
 per-task turn loop ``generate_interactive_stream_ws``."""
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
+
+from tokenizers.decoders import DecodeStream
 
 from engine import ContextLengthExceeded, EngineOverloaded, EngineStopped, FinishReason, RequestStream, SamplingParams
 from jsonrpc import clip, strict_json_loads
@@ -69,12 +70,12 @@ def build_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], tools: Sequ
 
 def max_prompt_tokens(rt: Runtime) -> int:
     """Prompt tokens one model call may have: the configured limit, else the context minus one new token."""
-    return rt.settings.max_prompt_tokens or rt.engine.engine.max_context - 1
+    return rt.settings.max_prompt_tokens or rt.engine.max_context - 1
 
 
 def context_data(rt: Runtime, exc: PromptTooLong) -> dict[str, int]:
     """The data of a -32004 error: the prompt's size, its limit, the context."""
-    return {**exc.data(), "max_context": rt.engine.engine.max_context}
+    return {**exc.data(), "max_context": rt.engine.max_context}
 
 
 async def tokenize_prompt(rt: Runtime, messages: list[dict[str, Any]], tools: Sequence[ToolDefinition]) -> list[int]:
@@ -116,11 +117,16 @@ def correction_message(call: ToolCallRequest, error: str | None) -> dict[str, An
 
 # ---- streaming text ------------------------------------------------------------------------------------------------
 class IncrementalDetokenizer:
-    """Token ids -> text deltas that never split a multi-byte character (TGI's prefix/read offsets)."""
+    """Token ids -> text deltas that never split a multi-byte character.
+
+    The tokenizers library's ``DecodeStream`` (Rust: a token costs one short decode, not two Python decodes of a
+    growing window) where the tokenizer has a Rust backend; else TGI's prefix/read offsets in Python."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.stream = DecodeStream(skip_special_tokens=True) if self.backend is not None else None
+        self.ids: list[int] = []  # (Python path) every id; (Rust path) the last shown one, then those not shown yet
         self.prefix_offset = 0
         self.read_offset = 0
 
@@ -128,6 +134,14 @@ class IncrementalDetokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def push(self, token_id: int) -> str:
+        if self.stream is not None:
+            text = self.stream.step(self.backend, token_id)
+            if text is None:
+                self.ids.append(token_id)
+                return ""
+            self.ids = [token_id]
+            self.read_offset = 1
+            return text
         self.ids.append(token_id)
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         text = self._decode(self.ids[self.prefix_offset:])
@@ -140,15 +154,23 @@ class IncrementalDetokenizer:
         """Whatever is left (an incomplete character at the very end decodes as U+FFFD)."""
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         text = self._decode(self.ids[self.prefix_offset:])
-        self.prefix_offset = self.read_offset = len(self.ids)
+        if self.stream is not None:  # start again after what is shown now
+            self.stream = DecodeStream(skip_special_tokens=True)
+            self.ids, self.read_offset = [], 0
+        else:
+            self.prefix_offset = self.read_offset = len(self.ids)
         return text[len(prefix):]
 
 
 def _partial_suffix(text: str, needle: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``needle``."""
-    for k in range(min(len(needle) - 1, len(text)), 0, -1):
-        if text.endswith(needle[:k]):
-            return k
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``needle`` (such a suffix starts with
+    ``needle[0]``: only those places are tried, found at C speed)."""
+    start = max(0, len(text) - len(needle) + 1)
+    i = text.find(needle[0], start)
+    while i >= 0:
+        if needle.startswith(text[i:]):
+            return len(text) - i
+        i = text.find(needle[0], i + 1)
     return 0
 
 
@@ -366,6 +388,7 @@ async def model_turn(rt: Runtime, stream: RequestStream, stop: Sequence[str], us
     completion, first = 0, True
     metrics, last = rt.metrics, stream.submitted_at
     async with stream:
+        # Events that came while this task was busy arrive merged (RequestStream): one pass per wake-up.
         async for event in stream:
             if event.error is not None:
                 raise TaskFailure(ErrorCode.GENERATION_FAILED, event.error)
@@ -381,19 +404,19 @@ async def model_turn(rt: Runtime, stream: RequestStream, stop: Sequence[str], us
             elif event.token_ids:
                 metrics.itl.observe(now - last)
             last = now
-            metrics.generated_tokens.inc(event.completion_tokens - completion)
-            usage.completion_tokens += event.completion_tokens - completion  # kept current: a cancel may come
+            new = event.completion_tokens - completion
+            metrics.generated_tokens.inc(new)
+            usage.completion_tokens += new  # kept current: a cancel may come
             completion = event.completion_tokens
-            if text := parser.push(stops.push("".join(detok.push(t) for t in event.token_ids))):
+            ids = event.token_ids
+            text = detok.push(ids[0]) if len(ids) == 1 else "".join([detok.push(t) for t in ids])
+            if text and (text := parser.push(stops.push(text))):
                 pieces.append(text)
                 yield text
             if stops.stopped:
                 break
             if event.finished:
                 result.finish_reason = event.finish_reason
-            # Let other tasks (the connection's sender) run: events that piled up while the loop was busy must
-            # not fill the bounded send queue of a client that reads fine (a full queue means "stalled client").
-            await asyncio.sleep(0)
     tail = "" if stops.stopped else parser.push(stops.push(detok.flush())) + parser.push(stops.flush())
     if text := tail + parser.flush():
         pieces.append(text)
@@ -406,12 +429,14 @@ async def stream_turn(rt: Runtime, task: Task, stream: RequestStream, separator:
     """One model call of a task: its text as ``text_chunk``s (``separator`` before the first one); ``prefix``: the
     forced opening its prompt ended with."""
     result = TurnOutput()
-    sid = task.session.session_id
+    session, coalesce, first = task.session, rt.settings.stream_coalesce == "on", True
     async for text in model_turn(rt, stream, task.stop, task.usage, result, prefix):
-        # the hottest notification: built as a plain dict (same shape as models.TextChunkParams)
-        task.session.emit_raw("text_chunk", {"session_id": sid, "task_id": task.task_id, "chunk": separator + text})
-        separator = ""
+        # the hottest notification: built as a plain dict (same shape as models.TextChunkParams); the first chunk
+        # of a model call goes out at once, later ones may be joined while the client is behind
+        session.emit_chunk(task.task_id, separator + text, coalesce and not first)
+        separator, first = "", False
         task.first_token_at = task.first_token_at or result.first_token_at
+    session.flush_held()
     task.first_token_at = task.first_token_at or result.first_token_at
     return result
 

@@ -149,7 +149,8 @@ class BlockManager:
     def on_computed(self, req: Request) -> None:
         """Register blocks that ``req`` has just filled completely so that others can reuse them."""
         bs = self.block_size
-        while len(req.block_hashes) < req.num_computed // bs:
+        # (async scheduling: a computed position may hold a token still in flight; it is hashed once known)
+        while len(req.block_hashes) < min(req.num_computed, len(req.tokens)) // bs:
             i = len(req.block_hashes)
             chunk = tuple(req.tokens[i * bs:(i + 1) * bs])
             h = chain_hash(req.block_hashes[-1] if req.block_hashes else None, chunk, req.cache_salt)

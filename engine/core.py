@@ -1,9 +1,11 @@
 """The engine: the only owner of the model. One worker thread runs schedule -> run -> postprocess.
 
 Callers on any thread ``submit()`` token ids and sampling params and get ``TokenEvent``s through the
-sink they pass (called on the engine thread; it must not block). Everything that reaches the engine
-thread goes through one inbox, so adds, aborts and session releases are applied between steps, in
-order: a cancel takes effect within one step.
+sink they pass. A step's events are handed over together, once, when the step ends (``deliver``: by default
+each sink is called on the engine thread and must not block; the asyncio bridge and the engine process
+replace it with one hand-off per step). Everything that reaches the engine thread goes through one inbox,
+so adds, aborts and session releases are applied between steps, in order: a cancel takes effect within one
+step.
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ class EngineConfig:
     max_queue: int = 256  # requests waiting for a slot before submit() refuses more
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs (on CUDA devices)
     static_decode: bool = False  # CPU tests: run decode through the padded static buffers graphs use
+    async_scheduling: bool = False  # schedule and prepare step N+1 while the device runs step N (see Engine._step)
 
     def __post_init__(self) -> None:
         if self.mixed_steps and self.max_step_tokens <= self.max_running:
@@ -73,6 +76,18 @@ class EngineConfig:
 
 
 @dataclass
+class Launched:
+    """A step whose forward pass and sampling are queued on the device; its tokens have not been read yet."""
+
+    step: Step
+    kind: str
+    sampled: list[Request]  # the requests a token was sampled for, in order
+    tokens: torch.Tensor | None  # [len(sampled)] on the device
+    started: float
+    host_seconds: float  # scheduling and preparing it
+
+
+@dataclass
 class StepStats:
     """Where the engine thread's time goes (the benchmark reads and resets these)."""
 
@@ -80,6 +95,18 @@ class StepStats:
     seconds: float = 0.0  # whole steps
     host_seconds: float = 0.0  # scheduling, building and sending the inputs, and postprocessing
     by_kind: dict[str, int] = field(default_factory=dict)
+
+
+Delivery = Callable[[list[tuple[EventSink, TokenEvent]]], None]
+
+
+def call_sinks(batch: list[tuple[EventSink, TokenEvent]]) -> None:
+    """The default delivery: each event to its request's sink, on the engine thread."""
+    for sink, event in batch:
+        try:
+            sink(event)
+        except Exception:  # a consumer's failure must not take the engine down
+            log.exception("event sink failed for %s", event.request_id)
 
 
 class Engine:
@@ -117,6 +144,12 @@ class Engine:
         self.dead_reason: str | None = None
         self.steps = 0
         self.on_step: Callable[[str, int, float], None] | None = None  # (kind, batch size, seconds), engine thread
+        self.deliver: Delivery = call_sinks  # a step's events, once per step (engine thread)
+        self._outbox: list[tuple[EventSink, TokenEvent]] = []
+        self.runner.last_tokens = self.sampler.last
+        self._in_flight: Launched | None = None  # async scheduling: the step the device is running
+        self._last_done = 0.0
+        self.overlapped = 0  # steps launched while the one before was still on the device
         self.step_stats = StepStats()
         log.info("engine: %d KV blocks x %d tokens (%.2f GiB), max context %d, max batch %d, %s attention, %s steps",
                  num_blocks, bs, num_blocks * bs * model.kv_bytes_per_token() / 2**30, self.max_context,
@@ -175,9 +208,10 @@ class Engine:
         return self._thread is not None and self._thread.is_alive() and self.dead_reason is None
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: EventSink,
-               session_key: str | None = None, cache_salt: str = "") -> str:
-        """Queue a request; returns its id. Raises ContextLengthExceeded, EngineOverloaded, EngineStopped.
-        Its prompt shares cached KV blocks only with requests of the same ``cache_salt``."""
+               session_key: str | None = None, cache_salt: str = "", request_id: str | None = None) -> str:
+        """Queue a request; returns its id (``request_id`` if given: the caller's, unique). Raises
+        ContextLengthExceeded, EngineOverloaded, EngineStopped. Its prompt shares cached KV blocks only with
+        requests of the same ``cache_salt``."""
         if not prompt_ids:
             raise ValueError("empty prompt")
         vocab = self.model.vocab_size
@@ -186,6 +220,8 @@ class Engine:
         if len(prompt_ids) >= self.max_context:
             raise ContextLengthExceeded(len(prompt_ids), self.max_context)
         req = Request(list(prompt_ids), params, sink, session_key, cache_salt=cache_salt)
+        if request_id is not None:
+            req.request_id = request_id
         req.max_tokens = min(len(prompt_ids) + params.max_new_tokens, self.max_context)
         with self._lock:
             if not self.alive:
@@ -204,15 +240,20 @@ class Engine:
         self._inbox.put(("release", session_key))
 
     def stats(self) -> dict[str, int]:
-        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "queued": self._queued, "kv_blocks_total": self.blocks.num_usable,
-                "kv_blocks_used": self.blocks.num_in_use, "steps": self.steps}
+        stats = {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                 "queued": self._queued, "kv_blocks_total": self.blocks.num_usable,
+                 "kv_blocks_used": self.blocks.num_in_use, "steps": self.steps}
+        if self.model.device.type == "cuda":  # read here: the front end may be a process that never touches CUDA
+            stats["gpu_allocated_bytes"] = torch.cuda.memory_allocated(self.model.device)
+            stats["gpu_reserved_bytes"] = torch.cuda.memory_reserved(self.model.device)
+        return stats
 
     # ---- engine thread ----------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            while self._drain(block=not self.scheduler.has_work):
-                if self.scheduler.has_work:
+            while self._drain(block=not self.scheduler.has_work and self._in_flight is None):
+                self._flush()  # what the inbox finished (aborts)
+                if self.scheduler.has_work or self._in_flight is not None:
                     self.step()
             self._fail_all(FinishReason.CANCELLED, None)
         except BaseException as exc:  # the loop itself broke: nobody may wait forever
@@ -260,13 +301,56 @@ class Engine:
         return admitted
 
     def step(self) -> None:
+        """One step; its events are delivered when it ends (on every path)."""
+        try:
+            self._step()
+        finally:
+            if self._outbox:  # handing the events over is host time of the step too
+                started = time.perf_counter()
+                self._flush()
+                spent = time.perf_counter() - started
+                self.step_stats.host_seconds += spent
+                self.step_stats.seconds += spent
+                self._last_done += spent  # (the next overlapped step's time starts after this hand-off)
+
+    def _step(self) -> None:
+        """Launch the next step, then finish the one before: with async scheduling, step N+1 is scheduled and its
+        inputs sent while the device still runs step N (its decode inputs are N's tokens, read on the device), and
+        N's tokens are read (the one sync) with N+1 already queued behind it, so the host's postprocessing and
+        scheduling hide behind the device. A request's finish is then known one step late: a row that stopped
+        at N computes one more token at N+1, dropped. Grammar rows need N's token before N+1's mask: any in the
+        batch, and the steps run one at a time."""
+        if self._in_flight is not None and not self._may_overlap():
+            self._complete(self._take_in_flight())
+        launched = self._launch()
+        if self._in_flight is not None:
+            if launched is not None:
+                self.overlapped += 1
+            self._complete(self._take_in_flight())
+        if launched is not None:
+            if self.config.async_scheduling and self._may_overlap():
+                self._in_flight = launched
+            else:
+                self._complete(launched)
+
+    def _take_in_flight(self) -> Launched:
+        launched, self._in_flight = self._in_flight, None
+        return launched
+
+    def _may_overlap(self) -> bool:
+        return not any(req.matcher is not None for req in self.scheduler.running)
+
+    def _launch(self) -> Launched | None:
+        """Schedule a step, send its inputs, queue its forward pass and sampling; None when there is nothing to run
+        (or it failed to launch)."""
         started = time.perf_counter()
         self.admit()
         step, _preempted = self.scheduler.schedule()
         if step is None:
-            return
+            return None
         self.steps += 1
         scheduled = time.perf_counter()
+        kind = step.kind
         sampled = [req for i, req in enumerate(step.requests) if step.completes(i)]
         try:
             logits, inputs = self.runner.run(step)
@@ -274,20 +358,38 @@ class Engine:
             # step: nothing above waited for it. Rows without a grammar pay nothing; a step without any, not this.
             bitmask = self.masks.fill([req.matcher for req in sampled]) if sampled else None
             allowed = unpack_bitmask(bitmask, self.sampler.vocab_size) if bitmask is not None else None
-            # the step's one read from the device: the sampled tokens
-            tokens = self.sampler.sample(logits, inputs.sample_rows, inputs.sample_host_rows, allowed).tolist() \
-                if sampled else []
+            tokens = self.sampler.sample(logits, inputs.sample_rows, inputs.sample_host_rows, allowed) \
+                if sampled else None
         except Exception as exc:  # fails this step's requests only; the engine goes on
             self._step_failed(step, exc)
+            return None
+        for req, count in zip(step.requests, step.counts):
+            req.num_computed += count  # (being) computed: the next step is scheduled past it
+        for req in sampled:
+            req.in_flight += 1
+        return Launched(step, kind, sampled, tokens, started, scheduled - started + self.runner.last_prepare_seconds)
+
+    def _complete(self, launched: Launched) -> None:
+        """Read a launched step's tokens (the step's one read from the device) and postprocess them."""
+        step, sampled = launched.step, launched.sampled
+        try:
+            tokens = launched.tokens.tolist() if sampled else []
+        except Exception as exc:  # an error the device reports late: every request of the step ends with it
+            log.exception("forward step failed on the device (%d requests)", len(step.requests))
+            for req in sampled:
+                req.in_flight -= 1
+            for req in step.requests:
+                self._finish(req, FinishReason.ERROR, error=f"generation failed: {exc!r}")
             return
         computed = time.perf_counter()
-        for req, count in zip(step.requests, step.counts):
-            req.num_computed += count
-            self.blocks.on_computed(req)
+        for req in step.requests:
+            if req.status is RequestStatus.RUNNING:
+                self.blocks.on_computed(req)
         for req, token in zip(sampled, tokens):
-            self._append(req, token)
-        done = time.perf_counter()
-        self._account(step, started, scheduled, computed, done)
+            req.in_flight -= 1
+            if req.status is not RequestStatus.FINISHED:  # (finished meanwhile: aborted, or stopped a step ago)
+                self._append(req, token)
+        self._account(launched, computed, time.perf_counter())
 
     def _step_failed(self, step: Step, exc: Exception) -> None:
         """A failed mixed step fails its prompt chunks' requests (the likely cause: a big chunk running out of
@@ -302,15 +404,17 @@ class Engine:
             if not (mixed and id(req) in decodes):
                 self._finish(req, FinishReason.ERROR, error=f"generation failed: {exc!r}")
 
-    def _account(self, step: Step, started: float, scheduled: float, computed: float, done: float) -> None:
+    def _account(self, launched: Launched, computed: float, done: float) -> None:
         stats = self.step_stats
         stats.steps += 1
-        stats.seconds += done - started
-        stats.host_seconds += (scheduled - started) + self.runner.last_prepare_seconds + (done - computed)
-        stats.by_kind[step.kind] = stats.by_kind.get(step.kind, 0) + 1
+        wall = done - max(launched.started, self._last_done)  # (overlapped: from the step before's end)
+        self._last_done = done
+        stats.seconds += wall
+        stats.host_seconds += launched.host_seconds + (done - computed)
+        stats.by_kind[launched.kind] = stats.by_kind.get(launched.kind, 0) + 1
         if self.on_step is not None:
             try:
-                self.on_step(step.kind, len(step.requests), done - started)
+                self.on_step(launched.kind, len(launched.step.requests), wall)
             except Exception:
                 log.exception("on_step hook failed")
 
@@ -326,7 +430,7 @@ class Engine:
         req.tokens.append(token)
         if req.matcher is not None and req.matcher.done:  # the grammar is complete: only a stop token could follow
             self._finish(req, FinishReason.STOP, (token,))
-        elif req.num_output_tokens >= params.max_new_tokens or req.num_tokens >= req.max_tokens:
+        elif req.num_output_tokens >= params.max_new_tokens or len(req.tokens) >= req.max_tokens:
             self._finish(req, FinishReason.LENGTH, (token,))
         else:
             self._emit(req, (token,), None, None, req.num_output_tokens)
@@ -347,12 +451,17 @@ class Engine:
 
     def _emit(self, req: Request, token_ids: tuple[int, ...], reason: FinishReason | None, error: str | None,
               completion: int) -> None:
-        event = TokenEvent(req.request_id, token_ids, reason, error, req.num_prompt_tokens, req.cached_tokens,
-                           completion)
-        try:
-            req.sink(event)
-        except Exception:  # a consumer's failure must not take the engine down
-            log.exception("event sink failed for %s", req.request_id)
+        self._outbox.append((req.sink, TokenEvent(req.request_id, token_ids, reason, error, req.num_prompt_tokens,
+                                                  req.cached_tokens, completion)))
+
+    def _flush(self) -> None:
+        """Hand the events so far over, in one call (they are in the order they happened)."""
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
+            try:
+                self.deliver(batch)
+            except Exception:  # a consumer's failure must not take the engine down
+                log.exception("event delivery failed (%d events)", len(batch))
 
     def _fail_all(self, reason: FinishReason, error: str | None) -> None:
         with self._lock:
@@ -369,3 +478,4 @@ class Engine:
             req.status = RequestStatus.FINISHED
             self._dequeue(req)
             self._emit(req, (), reason, error, req.num_output_tokens)
+        self._flush()

@@ -114,6 +114,9 @@ class ModelRunner:
         self._update_flip = 0
         self.buffers = StepBuffers(max_rows, max(max_step_tokens, max_rows), self.device)
         self.last_prepare_seconds = 0.0  # host time of the latest prepare()
+        self.last_tokens: torch.Tensor | None = None  # the sampler's last token per row (inputs still in flight)
+        self._fixups = [torch.zeros(2 * max_rows, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+                        for _ in range(2)]
         self.graphs: DecodeGraphs | None = None
         if static_decode or (cuda_graphs and self.device.type == "cuda"):
             self.graphs = DecodeGraphs(self, use_graphs=cuda_graphs)
@@ -160,7 +163,8 @@ class ModelRunner:
         starts = [r.num_computed for r in reqs]
         # decodes (one token each) in one pass over lists
         dec_pos = starts[:nd]
-        h["input_ids"][:nd] = [r.tokens[p] for r, p in zip(reqs, dec_pos)]
+        h["input_ids"][:nd] = [r.tokens[p] if p < len(r.tokens) else 0 for r, p in zip(reqs, dec_pos)]
+        in_flight = [(i, r.row) for i, (r, p) in enumerate(zip(reqs[:nd], dec_pos)) if p >= len(r.tokens)]
         h["positions"][:nd] = dec_pos
         h["slots"][:nd] = [r.block_ids[p // bs] * bs + p % bs for r, p in zip(reqs, dec_pos)]
         t = nd
@@ -190,10 +194,22 @@ class ModelRunner:
             h["logits_indices"][:len(sampled)] = qs[1:n + 1][sampled] - 1
             h["sample_rows"][:len(sampled)] = h["block_rows"][:n][sampled]
         self.buffers.send()
+        if in_flight:
+            self._read_in_flight(in_flight)
         inputs = self._inputs(rows, t + rows - n, nd + rows - n, rows if pad_to else len(sampled), list(counts),
                               [reqs[i].row for i in sampled], max((s + c for s, c in zip(starts, counts)), default=1))
         self.last_prepare_seconds = time.perf_counter() - started
         return inputs
+
+    def _read_in_flight(self, in_flight: list[tuple[int, int]]) -> None:
+        """Decode inputs sampled by the step still running: copied on the device from the sampler's last tokens
+        (stream order puts this after that step's sampling), never through the host."""
+        host = self._fixups[self.buffers.flip]
+        arr, k = host.numpy(), len(in_flight)
+        arr[:k] = [i for i, _ in in_flight]
+        arr[k:2 * k] = [row for _, row in in_flight]
+        dev = host[:2 * k].to(self.device, non_blocking=True)
+        self.buffers.dev["input_ids"].index_copy_(0, dev[:k], self.last_tokens[dev[k:]])
 
     def _inputs(self, rows: int, tokens: int, num_decode: int, num_logits: int, query_lens: list[int],
                 sample_host_rows: list[int], max_seq_len: int, gather_blocks: int = 0) -> StepInputs:

@@ -59,6 +59,9 @@ class Sampler:
         self.presence = torch.zeros(max_rows, vocab_size, dtype=torch.bool, device=device)
         # counts[row, token]: times the row generated the token (presence / frequency penalties)
         self.counts = torch.zeros(max_rows, vocab_size, dtype=torch.int32, device=device)
+        # last[row]: the row's latest sampled token, where the next step's input is read from while the token
+        # is still on its way to the host (async scheduling)
+        self.last = torch.zeros(max_rows, dtype=torch.int64, device=device)
         # host mirrors: what a step must compute at all (no device read needed to decide)
         self._greedy = np.ones(max_rows, dtype=bool)
         self._top_k = np.zeros(max_rows, dtype=np.int64)
@@ -117,6 +120,7 @@ class Sampler:
         self.presence[rows, tokens] = True
         self.counts[rows, tokens] += 1
         self.iparams[rows, _DRAWN] += 1
+        self.last[rows] = tokens
         return tokens
 
     def _draw(self, logits: torch.Tensor, fp: torch.Tensor, ip: torch.Tensor, k: int) -> torch.Tensor:

@@ -84,6 +84,8 @@ class Scheduler:
         admitted = []
         while self.waiting and self.free_rows:
             req = self.waiting[0]
+            if req.in_flight:  # preempted while its token was in flight: admitted once that token is known
+                break
             # keep one block of headroom per running sequence so decodes rarely need to preempt
             if not self.blocks.allocate(req, reserve=len(self.running)):
                 break
@@ -97,7 +99,7 @@ class Scheduler:
     def schedule(self) -> tuple[Step | None, list[Request]]:
         """The next step, and requests preempted (sent back to waiting) to make room for it."""
         prefills = [r for r in self.running if r.num_pending > 1]
-        decodes = [r for r in self.running if r.num_pending == 1]
+        decodes = [r for r in self.running if r.num_pending == 1 and not (r.in_flight and r.at_limit)]
         if not self.mixed and prefills and (not decodes or self._last_was_decode):
             self._last_was_decode = False
             return self._chunks([], prefills, self.prefill_chunk), []
@@ -151,6 +153,7 @@ class Scheduler:
             self.waiting.remove(req)
             return
         self.running.remove(req)
+        req.num_computed = min(req.num_computed, len(req.tokens))  # KV of a token never known is not kept
         self.blocks.free(req, keep_tail=keep_tail)
         self.free_rows.append(req.row)
         req.row = -1

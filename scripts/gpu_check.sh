@@ -12,6 +12,10 @@
 # "attention" runs the attention kernels' tests compiled (bf16 too) and the graph/paged-vs-reference GPU tests;
 # "sweep" runs `bench.py --context-sweep` on the 14B shape: decode over batch {1,8,32} x context {1K,8K,32K} for
 # paged and reference attention, and inter-token latency while 8K-token prompts arrive, mixed vs alternating.
+# The token path (issue 14) in one more command:  STEPS="imports server" (under 540 s): `bench.py --server-only` on the
+# 14B shape: the engine in its own process (model built there), 1/8/32/64 streams over WebSockets from a client
+# process: event-loop CPU per token, engine host time per step direct vs while streaming (ratio), inter-token latency
+# end to end vs the engine's own.
 # Each step has a time budget (its *_TIMEOUT); the defaults add up to under 540 s so that one 600-s device
 # command runs them all with time left to copy the results. After each step its results JSON is printed, so a
 # command stopped at its limit still shows what finished. On a GPU box set up with `make install`, use
@@ -40,7 +44,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 
 declare -A BUDGET=([imports]=${IMPORTS_TIMEOUT:-40} [tests]=${GPU_TEST_TIMEOUT:-150} [nf4]=${NF4_TIMEOUT:-120}
                    [bench]=${BENCH_TIMEOUT:-220} [tune]=${TUNE_TIMEOUT:-400} [attention]=${ATTENTION_TIMEOUT:-120}
-                   [sweep]=${SWEEP_TIMEOUT:-330} [structured]=${STRUCTURED_TIMEOUT:-200})
+                   [sweep]=${SWEEP_TIMEOUT:-330} [structured]=${STRUCTURED_TIMEOUT:-200} [server]=${SERVER_TIMEOUT:-420})
 total=0
 for s in $STEPS; do total=$((total + ${BUDGET[$s]:-0})); done
 echo "steps: $STEPS; time budget ${total} s in all ($(for s in $STEPS; do printf '%s %ss, ' "$s" "${BUDGET[$s]:-?}"; done))"
@@ -88,6 +92,24 @@ if step attention; then
   timeout "${BUDGET[attention]}" $PY -m pytest -q -p no:cacheprovider -rA "${sel[@]}" \
     --junitxml="$OUT/attention.xml" > "$OUT/attention.log" 2>&1
   echo "attention tests exit $?"; grep -E "passed|failed|error|REG" "$OUT/attention.log" | tail -8
+fi
+if step server; then
+  if [ $GPU -eq 1 ]; then
+    args="--size 14b --server-streams ${SERVER_STREAMS:-1,8,32,64} --prompt-len 64 --new-tokens 192 ${SERVER_ARGS:-}"
+  else
+    args="--size tiny --threads 1 --server-streams 1,4 --prompt-len 16 --new-tokens 24 ${SERVER_ARGS:-}"
+  fi
+  timeout "${BUDGET[server]}" $PY scripts/bench.py --random-weights --server --server-only --engine-process on \
+    --out "$OUT/server.json" $args > /dev/null 2> "$OUT/server.log"
+  echo "server exit $?"; tail -3 "$OUT/server.log"
+  $PY - "$OUT/server.json" <<'PY' || show "$OUT/server.json" 6000
+import json, sys
+d = json.load(open(sys.argv[1])); s = d.get("server") or {}
+print(json.dumps({"errors": d.get("errors"), "summary": s.get("summary")}))
+for n, p in (s.get("engine_process_on") or {}).get("points", {}).items():
+    print(n, json.dumps({k: p.get(k) for k in ("event_loop_us_per_token", "engine_host_ms_per_step", "host_ratio",
+                                              "itl_ms", "e2e_vs_engine_itl")}, separators=(",", ":")))
+PY
 fi
 if step sweep; then
   if [ $GPU -eq 1 ]; then

@@ -21,7 +21,8 @@ def test_bench_runs_every_section_on_the_cpu(tmp_path):
     bench = load_bench()
     out = bench.main(["--size", "tiny", "--streams", "1,3", "--prompt-len", "40", "--new-tokens", "12",
                       "--followup-context", "150", "--followup-new", "20", "--baseline-requests", "1",
-                      "--server", "--server-streams", "2", "--threads", "1", "--out", str(tmp_path / "b.json")])
+                      "--server", "--server-streams", "2", "--engine-process", "both", "--threads", "1",
+                      "--out", str(tmp_path / "b.json")])
     assert out["errors"] == {}
     assert set(out["engine"]) == {"1", "3"}
     for n, run in out["engine"].items():
@@ -29,7 +30,13 @@ def test_bench_runs_every_section_on_the_cpu(tmp_path):
         assert run["seed_design"]["aggregate_tok_s"] > 0 and run["aggregate_vs_seed"] > 0
     follow = out["followup"]
     assert follow["cached_tokens_warm"] >= 150  # the first turn's prompt and output came from the warm cache
-    assert out["server"]["streams"] == 2 and out["server"]["ws_tpot_p50_ms"] > 0
+    server = out["server"]
+    assert server["streams"] == [2] and server["ws_tpot_p50_ms"] > 0
+    for placement in ("engine_process_on", "engine_process_off"):  # the engine in its own process, and on a thread
+        point = server[placement]["points"]["2"]
+        assert point["ws"]["tokens"] == 2 * 12 and point["event_loop_us_per_token"] > 0
+        assert point["engine_host_ms_per_step"]["direct"] > 0 and point["engine_host_ms_per_step"]["streaming"] > 0
+        assert point["itl_ms"]["e2e_tpot_p50"] > 0 and point["host_ratio"] > 0
     assert (tmp_path / "b.json").read_text().startswith("{")
 
 

@@ -57,6 +57,27 @@ def test_engine_ii_dry_run_on_the_cpu_reports_json(tmp_path):
     assert set(sweep["context_sweep"]["itl"]) == {"mixed_16", "mixed_64", "alternating"}
 
 
+def test_token_path_steps_fit_one_device_command(tmp_path):
+    proc = run_check(tmp_path, PLAN_ONLY="1", STEPS="imports server")
+    assert proc.returncode == 0, proc.stderr
+    budget = re.search(r"steps: (.*); time budget (\d+) s in all", proc.stdout)
+    assert budget and int(budget.group(2)) <= 540, proc.stdout
+
+
+@pytest.mark.slow
+def test_token_path_dry_run_on_the_cpu_reports_json(tmp_path):
+    """bench --server-only through gpu_check.sh on the CPU: the engine process builds the model, the figures come."""
+    proc = run_check(tmp_path, STEPS="server")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "server exit 0" in proc.stdout
+    server = json.loads((tmp_path / "server.json").read_text())
+    assert server["errors"] == {}
+    points = server["server"]["engine_process_on"]["points"]
+    assert set(points) == {"1", "4"}
+    for p in points.values():
+        assert p["event_loop_us_per_token"] > 0 and p["host_ratio"] > 0 and p["ws"]["tokens"] == 24 * p["streams"]
+
+
 def test_structured_outputs_step_runs_on_the_cpu_and_fits_beside_bench(tmp_path):
     """The optional "structured" step: masks per decode step against the bench's; with imports and bench it fits
     one device command."""
