@@ -22,7 +22,7 @@ import socket
 from typing import Any, Callable
 
 from engine.async_engine import RequestStream
-from engine.core import ContextLengthExceeded, EngineOverloaded, EngineStopped
+from engine.config import ContextLengthExceeded, EngineOverloaded, EngineStopped
 from engine.core_process import EngineReady, EngineStartFailed, main
 from engine.protocol import (Abort, Add, Failed, FrameReader, Outputs, Release, Shutdown, decode_from_engine,
                              event_from_wire, frame, params_to_wire, recv_frame)
