@@ -1,10 +1,11 @@
-"""The Python client (``inference_client.py``) against the real server with the scripted model: events, tool
+"""The Python client (``inference_client/``) against the real server with the scripted model: events, tool
 handlers, manual tool results, cancel, errors, reconnect, concurrency, auth, and the terminal chat run as a
 subprocess (stdin lines in, streamed answer out, Ctrl-C)."""
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -335,11 +336,14 @@ def test_cli_streams_answers_and_answers_tool_calls(server, tmp_path):
     tools.write_text(json.dumps([{**Tool.from_function(get_weather).definition(), "result": {"sky": "blue"}},
                                  TIME_TOOL]))
     stdin = "What is the weather in London?\nwhat time is it\n\"12:00\"\n\nhello\n"
-    proc = subprocess.run([sys.executable, "inference_client.py", "--url", server.url, "--tools", str(tools),
+    proc = subprocess.run([sys.executable, "-m", "inference_client", "--url", server.url, "--tools", str(tools),
                            "--max-new-tokens", "100"], input=stdin, capture_output=True, text=True, timeout=30,
                           cwd=REPO_ROOT, check=False)
     assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+    banner, out = proc.stdout.split("\n", 1)
+    assert re.fullmatch(rf"Connected to {re.escape(server.url)}: model model \(cpu, (float32|bfloat16), the CPU fallback\), "
+                        r"session [0-9a-f-]{36}, tools: get_weather, get_time\. "
+                        r"Ctrl-C cancels an answer; Ctrl-D or Ctrl-C at the prompt quits\.", banner), banner
     assert out == ('> [tool] get_weather({"location": "London"}) -> {"sky": "blue"}\nTool said: {"sky": "blue"}\n'
                    "> [tool] get_time({})\nresult of get_time (JSON)> Tool said: 12:00\n"
                    "> > You said: hello\n> \n")
