@@ -1,0 +1,48 @@
+// The page's state and its controls: the session, its socket, pending JSON-RPC requests, the running turn.
+import {$} from "./dom.js";
+
+export const ui = {
+  status: $("connection-status"), model: $("model-name"), apiKey: $("api-key"), tools: $("tools-json"),
+  canned: $("canned-json"), settingsError: $("settings-error"), create: $("create-session"),
+  reconnect: $("reconnect"), sessionId: $("session-id"), maxNewTokens: $("max-new-tokens"),
+  temperature: $("temperature"), ignoreEos: $("ignore-eos"), transcript: $("transcript"), composer: $("composer"),
+  message: $("message"), send: $("send"), cancel: $("cancel"), turnTemplate: $("turn-template"),
+};
+
+export const state = {
+  sessionId: null,
+  ws: null,
+  connected: false,
+  nextId: 1,
+  pending: new Map(),  // JSON-RPC id -> {method, ok, fail}
+  turn: null,          // the running task's turn (see turns.js newTurn), or null when idle
+};
+
+const PLACEHOLDERS = {
+  none: "Create a session first (the button on the left, or above on a phone)",
+  connected: "Type a message: Enter sends, Shift+Enter adds a line",
+  disconnected: "The socket is closed: Reconnect to continue this conversation, or create a new session",
+};
+
+export function setStatus(text, kind) {
+  ui.status.textContent = text;
+  ui.status.className = `status status-${kind}`;
+}
+
+// Send is possible on an open socket with no running task; Cancel only while a task runs. The composer's
+// placeholder says what to do next.
+export function refreshButtons() {
+  const busy = state.turn !== null;
+  ui.send.disabled = !state.connected || busy;
+  ui.cancel.disabled = !state.connected || !busy || state.turn.cancelling;
+  ui.reconnect.disabled = state.sessionId === null || state.connected;
+  ui.message.placeholder = PLACEHOLDERS[state.connected ? "connected" : state.sessionId ? "disconnected" : "none"];
+}
+
+// Send one JSON-RPC request on the session's socket; `handlers.ok` / `handlers.fail` get its result or error.
+export function rpc(method, params, handlers = {}) {
+  const id = state.nextId++;
+  state.pending.set(id, {method, ...handlers});
+  state.ws.send(JSON.stringify({jsonrpc: "2.0", id, method, params}));
+  return id;
+}
