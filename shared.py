@@ -192,7 +192,7 @@ def looks_like_local_path(model_id: str) -> bool:
 
 OFFLINE_NEXT_STEP = """next: to serve without network (or to try the server in a minute), use a local model:
   make tiny-model && INFERENCE_MODEL_ID=models/tiny make serve    # random weights: every protocol path works
-  make demo-model && INFERENCE_MODEL_ID=models/demo make serve    # trained here in ~2 min: calls get_weather
+  make demo-model && INFERENCE_MODEL_ID=models/demo make serve    # trained here in 2-4 min: calls get_weather
 or set INFERENCE_MODEL_ID (environment or .env) to a local model directory."""
 
 

@@ -341,8 +341,8 @@ def test_cli_streams_answers_and_answers_tool_calls(server, tmp_path):
                           cwd=REPO_ROOT, check=False)
     assert proc.returncode == 0, proc.stderr
     banner, out = proc.stdout.split("\n", 1)
-    assert re.fullmatch(rf"Connected to {re.escape(server.url)}: model model \(cpu, (float32|bfloat16), the CPU fallback\), "
-                        r"session [0-9a-f-]{36}, tools: get_weather, get_time\. "
+    assert re.fullmatch(rf"Connected to {re.escape(server.url)}: model model \(cpu, (float32|bfloat16), the CPU "
+                        r"fallback\), session [0-9a-f-]{36}, tools: get_weather, get_time\. "
                         r"Ctrl-C cancels an answer; Ctrl-D or Ctrl-C at the prompt quits\.", banner), banner
     assert out == ('> [tool] get_weather({"location": "London"}) -> {"sky": "blue"}\nTool said: {"sky": "blue"}\n'
                    "> [tool] get_time({})\nresult of get_time (JSON)> Tool said: 12:00\n"
