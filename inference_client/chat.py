@@ -112,13 +112,16 @@ async def _turn(session: Session, term: Terminal, text: str, sampling: dict[str,
 
 def banner(url: str, model: dict[str, Any], session: Session, tools: list[Tool]) -> str:
     """One line: where, which model (and whether it is the CPU fallback), the session, and how to quit."""
-    name = model.get("id") or "unknown model"
+    def shown(value: Any) -> str:  # what the server says, without control characters (no terminal escapes)
+        return "".join(c for c in str(value) if c.isprintable())[:200]
+
+    name = shown(model.get("id") or "unknown model")
     how = "nf4" if model.get("quantization") == "nf4" else model.get("dtype")
-    where = ", ".join(str(v) for v in (model.get("device"), how) if v)
+    where = ", ".join(shown(v) for v in (model.get("device"), how) if v)
     fallback = ", the CPU fallback" if model.get("device") == "cpu" else ""
-    shown = f"{name} ({where}{fallback})" if where else name
     tool_names = ", ".join(t.name for t in tools) or "none"
-    return (f"Connected to {url}: model {shown}, session {session.session_id}, tools: {tool_names}. "
+    return (f"Connected to {url}: model {name}{f' ({where}{fallback})' if where else ''}, "
+            f"session {shown(session.session_id)}, tools: {tool_names}. "
             f"Ctrl-C cancels an answer; Ctrl-D or Ctrl-C at the prompt quits.\n")
 
 

@@ -376,3 +376,16 @@ def test_cli_ctrl_c_cancels_the_answer_and_returns_to_the_prompt(server):
                 await proc.wait()
     out = run(go())
     assert out.index("once upon a time") < out.index("[cancelled]") < out.index("You said: hello")
+
+
+def test_banner_names_the_model_and_strips_terminal_escapes():
+    from inference_client.chat import banner
+
+    class FakeSession:
+        session_id = "s-1"
+
+    line = banner("http://h:1", {"id": "evil\x1b[2J\x07name", "device": "cuda", "quantization": "nf4"},
+                  FakeSession(), [])  # type: ignore[arg-type]
+    assert line == ("Connected to http://h:1: model evil[2Jname (cuda, nf4), session s-1, tools: none. "
+                    "Ctrl-C cancels an answer; Ctrl-D or Ctrl-C at the prompt quits.\n")
+    assert banner("http://h:1", {}, FakeSession(), []).startswith("Connected to http://h:1: model unknown model, ")
