@@ -16,7 +16,8 @@ What cannot run literally, and what runs instead (nothing else is changed):
 * ``make test`` is what runs this test: ``make -n test`` checks the target is there and would install
   nothing (CI's own ``make test`` is the real run).
 
-A block fails the test when any of its commands exits non-zero. Blocks get the same stdin (one weather
+A block fails the test when any of its commands exits non-zero. Without curl on the machine the curl block
+cannot run: the rest runs, and the test then ends as skipped, naming what did not run. Blocks get the same stdin (one weather
 question), which the terminal chat reads; the other commands ignore it.
 """
 from __future__ import annotations
@@ -123,6 +124,7 @@ class Runner:
             self.env.pop(name, None)
         self.server: subprocess.Popen | None = None
         self.log: list[str] = []
+        self.without_curl: list[str] = []
 
     def record(self, text: str) -> None:
         """Keep what ran and what it printed, also on disk as it goes (``readme-transcript.txt``)."""
@@ -134,6 +136,9 @@ class Runner:
         return text.replace("localhost:8000", f"localhost:{self.port}")
 
     def run_block(self, block: Block) -> None:
+        if shutil.which("curl") is None and any(c.lstrip().startswith("curl ") for c in block.commands):
+            self.without_curl.append(block.code)  # the rest still runs; the test ends as skipped, saying so
+            return
         script: list[str] = []
         for command in block.commands:
             bare = command.split("#")[0].strip()
@@ -210,9 +215,8 @@ class Runner:
 def runner(tmp_path: Path) -> Iterator[Runner]:
     if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
         pytest.skip("needs a git checkout (the fresh copy is made from `git ls-files`)")
-    for tool in ("make", "curl"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"the README's commands need {tool}")
+    if shutil.which("make") is None:
+        pytest.skip("the README's commands need make")
     clone = fresh_clone(tmp_path / "clone")
     venv_over_this_one(clone)
     run = Runner(clone, free_port(), tmp_path / "readme-transcript.txt")
@@ -237,9 +241,12 @@ def test_every_quick_start_and_clients_command_runs_as_written(runner: Runner, t
     assert '[tool call] get_weather({"location": "London"})' in transcript, transcript[-6000:]
     assert '[tool] get_weather({"location": "London"}) -> {"temperature": "15°C"' in transcript, transcript[-6000:]
     # curl -s exits 0 on an HTTP error too: the answer itself must be a completion of the served model.
-    assert '"object":"chat.completion"' in transcript and "model_not_found" not in transcript, transcript[-6000:]
+    if not runner.without_curl:
+        assert '"object":"chat.completion"' in transcript and "model_not_found" not in transcript, transcript[-6000:]
     # The client is installed: importable from outside the checkout, with its console script.
     outside = subprocess.run([str(runner.clone / ".venv/bin/python"), "-c", "import inference_client, sys; "
                               "print(inference_client.__file__)"], cwd=tmp_path, capture_output=True, text=True)
     assert outside.returncode == 0 and outside.stdout.startswith(str(runner.clone)), outside
     assert (runner.clone / ".venv/bin/inference-chat").is_file()
+    if runner.without_curl:
+        pytest.skip(f"everything else ran and passed, but curl is not installed: not run: {runner.without_curl}")
