@@ -2,11 +2,12 @@
 # make test   - create .venv, install with test tools, run the tests (what CI runs)
 # make tiny-model / make demo-model - a local model for a CPU and no network: random weights in seconds /
 #               trained here in 2-4 min to call get_weather (then INFERENCE_MODEL_ID=models/demo make serve)
+# make cluster - Redis, 2 replicas (tiny model, CPU) and HAProxy on :8080 (scripts/cluster.py)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev serve test tiny-model demo-model bench bench-cpu clean
+.PHONY: install install-dev serve test tiny-model demo-model bench bench-cpu cluster clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,11 @@ bench: $(VENV)/.installed-dev
 # CPU: the tiny shape, 1 and 8 streams (no GPU needed)
 bench-cpu: $(VENV)/.installed-dev
 	$(BIN)/python scripts/bench.py --size tiny --threads 1 --server --out bench-cpu.json
+
+# Redis + 2 replicas (tiny model, CPU) + HAProxy on :8080, for demos (Debian's redis-server and haproxy)
+cluster: $(VENV)/.installed
+	bash scripts/install_services.sh $(VENV)
+	$(BIN)/python scripts/cluster.py $(CLUSTER_ARGS)
 
 tiny-model: $(VENV)/.installed
 	$(BIN)/python scripts/make_tiny_model.py models/tiny

@@ -9,6 +9,7 @@ import hmac
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -72,19 +73,34 @@ class Ticket:
     expires_at: float
 
 
-class TicketBook:
-    """Short-lived, single-use tickets that let a browser open a WebSocket without putting a key in a URL."""
+class TicketBookFull(Exception):
+    """Too many live tickets: refuse more until some expire."""
 
-    def __init__(self, ttl_s: float) -> None:
+
+class TicketBook:
+    """Short-lived, single-use tickets that let a browser open a WebSocket without putting a key in a URL.
+
+    Tickets are kept in the order they were issued, which (one TTL for all) is the order they expire: issuing
+    one drops the expired ones from the front, O(1) amortised, and at most ``max_live`` are alive at once.
+    """
+
+    def __init__(self, ttl_s: float, max_live: int = 100_000) -> None:
         self.ttl_s = ttl_s
-        self._tickets: dict[str, Ticket] = {}
+        self.max_live = max_live
+        self._tickets: OrderedDict[str, Ticket] = OrderedDict()
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._tickets)
 
     def issue(self, owner: str, session_id: str | None) -> str:
         now = time.monotonic()
         token = secrets.token_urlsafe(32)
         with self._lock:
-            self._tickets = {t: v for t, v in self._tickets.items() if v.expires_at > now}  # bounded by the TTL
+            while self._tickets and next(iter(self._tickets.values())).expires_at <= now:
+                self._tickets.popitem(last=False)
+            if len(self._tickets) >= self.max_live:
+                raise TicketBookFull(f"{len(self._tickets)} tickets are live; retry when some have expired")
             self._tickets[token] = Ticket(owner, session_id, now + self.ttl_s)
         return token
 

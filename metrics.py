@@ -36,6 +36,13 @@ class Metrics:
         self.kv_usage = Gauge("inference_kv_cache_usage_ratio", "KV-cache blocks in use / total", registry=r)
         self.kv_blocks = Gauge("inference_kv_cache_blocks", "KV-cache blocks by state", ["state"], registry=r)
         self.gpu_memory = Gauge("inference_gpu_memory_bytes", "GPU memory by kind", ["kind"], registry=r)
+        self.store_write = Histogram("inference_session_store_write_seconds", "Session store writes, from queued "
+                                     "to committed", registry=r, buckets=LATENCY_BUCKETS)
+        self.resumes = Counter("inference_resumes", "Sockets that resumed a session's stream, by outcome "
+                               "(complete, incomplete: some notifications were no longer kept)", ["outcome"],
+                               registry=r)
+        self.lost_tasks = Counter("inference_lost_tasks", "Tasks found running in a stored session that no process "
+                                  "runs any more (their replica or process died)", registry=r)
 
     def on_step(self, kind: str, batch: int, seconds: float) -> None:
         """Engine hook (called on the engine thread; prometheus_client metrics are thread-safe)."""
@@ -54,17 +61,10 @@ class Metrics:
         self.kv_usage.set(used / total if total else 0)
         self.kv_blocks.labels("used").set(used)
         self.kv_blocks.labels("total").set(total)
-        self._gpu()
+        for kind in ("allocated", "reserved"):  # the engine's figures (it may run in another process)
+            if f"gpu_{kind}_bytes" in engine_stats:
+                self.gpu_memory.labels(kind).set(engine_stats[f"gpu_{kind}_bytes"])
         return generate_latest(self.registry)
-
-    def _gpu(self) -> None:
-        try:
-            import torch
-        except ImportError:  # pragma: no cover
-            return
-        if torch.cuda.is_available():
-            self.gpu_memory.labels("allocated").set(torch.cuda.memory_allocated())
-            self.gpu_memory.labels("reserved").set(torch.cuda.memory_reserved())
 
     def count(self, method: str, error: Any = None) -> None:
         outcome = "ok" if error is None else str(error)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import enum
 import json
+from collections import Counter
 from typing import Any, Literal
 
-from jsonschema.exceptions import SchemaError
-from jsonschema.validators import validator_for
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tool_schemas import check_schema, check_tool_schema
 
 JSONRPC_VERSION = "2.0"
 TOOL_NAME_PATTERN = r"^[A-Za-z0-9_.:\-]{1,64}$"
@@ -31,6 +32,9 @@ class ErrorCode(enum.IntEnum):
     NOT_AWAITING_TOOL_RESULTS = -32007  # tool_result while the task is not waiting for one
     ENGINE_UNAVAILABLE = -32008  # the engine is stopped, or the server is shutting down
     RATE_LIMITED = -32009  # this key (or address) sent too many requests; retry after data.retry_after_s
+    RESUME_INCOMPLETE = -32010  # a resumed stream: notifications from data.missing_from on were no longer kept
+    TASK_LOST = -32011  # the task's process or replica died; the conversation is as before it: retry it
+    SESSION_TOO_LARGE = -32012  # the stored session would exceed INFERENCE_SESSION_MAX_BYTES
 
 
 class JsonRpcError(BaseModel):
@@ -60,12 +64,7 @@ class ToolDefinition(BaseModel):
     @field_validator("parameters")
     @classmethod
     def _json_schema_object(cls, schema: dict[str, Any]) -> dict[str, Any]:
-        try:
-            validator_for(schema).check_schema(schema)
-        except SchemaError as exc:
-            raise ValueError(f"parameters is not a valid JSON Schema: {exc.message}") from None
-        if schema.get("type", "object") != "object":
-            raise ValueError('parameters must be a JSON Schema of "type": "object"')
+        check_tool_schema(schema)  # depth, RE2-runnable patterns, metaschema, "type": "object"
         return schema
 
     def for_template(self) -> dict[str, Any]:
@@ -76,10 +75,9 @@ class ToolDefinition(BaseModel):
 
 def _unique_tool_names(tools: list[ToolDefinition] | None) -> list[ToolDefinition] | None:
     if tools:
-        names = [t.name for t in tools]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = sorted(name for name, n in Counter(t.name for t in tools).items() if n > 1)
         if dupes:
-            raise ValueError(f"tool names must be unique; repeated: {', '.join(dupes)}")
+            raise ValueError(f"tool names must be unique; repeated: {', '.join(dupes[:10])}")
     return tools
 
 
@@ -141,6 +139,61 @@ class HistoryMessage(BaseModel):
         return self
 
 
+# ---- structured outputs (OpenAI's shapes) --------------------------------------------------------------------
+class FunctionName(BaseModel):
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
+
+
+class NamedToolChoice(BaseModel):
+    """``{"type": "function", "function": {"name": ...}}``: the answer is exactly one call of that tool."""
+
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+ToolChoiceParam = Literal["auto", "required", "none"] | NamedToolChoice
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _runnable(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        check_schema(schema, "json_schema.schema")  # depth, RE2-runnable patterns, metaschema
+        return schema
+
+
+class ResponseFormatParam(BaseModel):
+    """``{"type": "text" | "json_object"}`` or ``{"type": "json_schema", "json_schema": {"name", "schema"}}``: the
+    answer is a JSON document (of that schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormatParam:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('"type": "json_schema" needs "json_schema": {"name": ..., "schema": {...}}')
+        return self
+
+    def plain(self) -> dict[str, Any]:
+        """The shape ``grammars.ResponseFormat.parse`` reads."""
+        if self.json_schema is None:
+            return {"type": self.type}
+        return {"type": self.type, "json_schema": {"name": self.json_schema.name, "schema": self.json_schema.schema_}}
+
+
+def tool_choice_plain(choice: ToolChoiceParam | None) -> Any:
+    """The shape ``grammars.ToolChoice.parse`` reads."""
+    return choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
+
+
 # ---- client -> server params ----------------------------------------------------------------------------------
 class GenerateRequestParams(BaseModel):
     message: str | None = None
@@ -158,6 +211,9 @@ class GenerateRequestParams(BaseModel):
     stop: list[str] | None = Field(default=None, max_length=16)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     ignore_eos: bool = False  # keep generating past end-of-turn until max_new_tokens (benchmarks, load tests)
+    tool_choice: ToolChoiceParam | None = None  # the task's first model call: auto (default), required, none, named
+    response_format: ResponseFormatParam | None = None  # final_text is then a JSON document (of that schema)
+    parallel_tool_calls: bool | None = None  # false: at most one tool call per model call
 
     _unique = field_validator("tools")(_unique_tool_names)
 
@@ -210,6 +266,7 @@ class TextChunkParams(BaseModel):
     session_id: str
     task_id: str
     chunk: str
+    seq: int | None = None  # the session's notification number (set when sent); resume with ?resume_from=
 
 
 class ToolCallRequest(BaseModel):
@@ -225,12 +282,14 @@ class FunctionCallRequestParams(BaseModel):
     session_id: str
     task_id: str
     tool_calls: list[ToolCallRequest]
+    seq: int | None = None  # the session's notification number (set when sent); resume with ?resume_from=
 
 
 class FinalTextParams(BaseModel):
     session_id: str
     task_id: str
     final_text: str
+    seq: int | None = None  # the session's notification number (set when sent); resume with ?resume_from=
 
 
 class EndParams(BaseModel):
@@ -238,9 +297,21 @@ class EndParams(BaseModel):
     task_id: str
     finish_reason: Literal["stop", "length", "cancelled", "error"]
     usage: Usage
+    seq: int | None = None  # the session's notification number (set when sent); resume with ?resume_from=
 
 
 class ErrorNotificationParams(BaseModel):
     session_id: str
     task_id: str | None = None
     error: JsonRpcError
+    seq: int | None = None  # the session's notification number (set when sent); resume with ?resume_from=
+
+
+class ResumedParams(BaseModel):
+    """Sent (without a seq) to a socket opened with ?resume_from=, once every missed notification has been sent:
+    requests still unanswered from the old socket can go again; ``task_id`` is the running task, if any."""
+
+    session_id: str
+    resume_from: int
+    seq: int  # the session's latest notification number
+    task_id: str | None = None

@@ -3,11 +3,13 @@
 an OpenAI client runs its own tool loop."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -15,11 +17,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from engine import SamplingParams
-from jsonrpc import strict_json_loads
-from models import ErrorCode, ToolDefinition, Usage
+from http_guard import BodyError, read_json_body
+from jsonrpc import clip, strict_json_loads
+from limits import PromptTooLong, too_many_tools, tools_problem
+from grammars import TurnGrammars
+from models import ErrorCode, ResponseFormatParam, ToolChoiceParam, ToolDefinition, Usage
 from shared import Runtime
+from structured_outputs import SchemaRefused, choices, plan, prompt_tools
 from tasks import TaskFailure
-from utils import TOOL_OPEN, TurnOutput, build_prompt_ids, model_turn, submit
+from utils import TurnOutput, model_turn, submit, tokenize_prompt
+from workers import off_loop
 
 log = logging.getLogger("inference.openai")
 STATUS_OF = {ErrorCode.CONTEXT_LENGTH_EXCEEDED: (400, "invalid_request_error", "context_length_exceeded"),
@@ -65,18 +72,15 @@ class ChatMessage(BaseModel):
         return "".join(p.text or "" for p in self.content)
 
 
-class NamedToolChoice(BaseModel):
-    type: Literal["function"] = "function"
-    function: dict[str, Any]
-
-
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[ToolDefinition] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: ToolChoiceParam | None = None
+    response_format: ResponseFormatParam | None = None
+    parallel_tool_calls: bool | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
@@ -128,22 +132,16 @@ def to_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def tools_and_prefix(req: ChatRequest) -> tuple[list[ToolDefinition], str]:
-    """The tools to show the model, and the text that forces a call (tool_choice required / a named tool)."""
-    tools = req.tools or []
-    choice = req.tool_choice
-    if choice == "none":
-        return [], ""
-    if choice == "required":
-        if not tools:
-            raise OpenAIError(400, 'tool_choice "required" needs tools', param="tool_choice")
-        return tools, TOOL_OPEN + '\n{"name": "'
-    if isinstance(choice, NamedToolChoice):
-        name = choice.function.get("name")
-        if name not in {t.name for t in tools}:
-            raise OpenAIError(400, f"tool_choice names an unknown tool {name!r}", param="tool_choice")
-        return tools, TOOL_OPEN + '\n{"name": ' + json.dumps(name) + ', "arguments": '
-    return tools, ""
+async def constraints(rt: Runtime, req: ChatRequest) -> tuple[list[ToolDefinition], TurnGrammars]:
+    """The tools to show the model, and the grammar (and forced opening) of tool_choice / response_format."""
+    choice, fmt = choices(req.tool_choice, req.response_format, req.parallel_tool_calls)
+    tools = prompt_tools(req.tools or [], choice)
+    try:
+        return tools, await plan(rt, tools, choice, fmt)
+    except SchemaRefused as exc:
+        param = exc.where.split(".")[0].split("[")[0]
+        raise OpenAIError(400, clip(str(exc), 500), param=param, code="unsupported_schema" if exc.keyword else None) \
+            from None
 
 
 def check_limits(rt: Runtime, req: ChatRequest) -> int:
@@ -158,8 +156,6 @@ def check_limits(rt: Runtime, req: ChatRequest) -> int:
     if any(len(m.text() or "") > s.max_message_chars for m in req.messages):
         raise OpenAIError(400, f"a message is longer than {s.max_message_chars} characters",
                           param="messages")
-    from session_socket import tools_problem
-
     if req.tools and (problem := tools_problem(s, req.tools)):
         raise OpenAIError(400, f"tools exceed the server's limits: {problem}", param="tools")
     wanted = req.max_completion_tokens or req.max_tokens
@@ -211,6 +207,29 @@ async def chat_completions(request: Request) -> Response:
         return OpenAIError(500, "internal error", "server_error").response()
 
 
+def precheck(rt: Runtime, payload: Any) -> None:
+    """Counts of the raw request, before it is validated: 40,000 tools are refused, not parsed."""
+    if not isinstance(payload, dict):
+        return
+    messages = payload.get("messages")
+    if isinstance(messages, list) and len(messages) > rt.settings.max_history_messages:
+        raise OpenAIError(400, f"at most {rt.settings.max_history_messages} messages", param="messages")
+    if problem := too_many_tools(rt.settings, payload.get("tools")):
+        raise OpenAIError(400, f"tools exceed the server's limits: {problem}", param="tools")
+
+
+def parse_request(payload: Any) -> ChatRequest:
+    """Validation (tool schemas included): costly, run on the worker pool."""
+    try:
+        return ChatRequest.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise OpenAIError(400, clip(f"{'.'.join(map(str, first['loc']))}: {first['msg']}", 300),
+                          param=clip(str(first["loc"][0]), 64) if first["loc"] else None) from None
+    except RecursionError:
+        raise OpenAIError(400, "the request is nested too deeply") from None
+
+
 async def _chat_completions(request: Request, rt: Runtime) -> Response:
     if rt.draining:
         raise OpenAIError(503, "the server is shutting down", "server_error")
@@ -221,28 +240,27 @@ async def _chat_completions(request: Request, rt: Runtime) -> Response:
     if retry := rt.limiter.acquire(caller):
         raise OpenAIError(429, "rate limit reached", code="rate_limit_exceeded",
                           headers={"Retry-After": str(max(1, round(retry)))})
-    raw = await request.body()
-    if len(raw) > rt.settings.ws_max_message_bytes:
-        raise OpenAIError(413, f"the body is larger than {rt.settings.ws_max_message_bytes} bytes")
     try:
-        req = ChatRequest.model_validate(strict_json_loads(raw))
-    except (ValueError, RecursionError) as exc:
-        if isinstance(exc, ValidationError):
-            first = exc.errors(include_url=False)[0]
-            raise OpenAIError(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}",
-                              param=str(first["loc"][0]) if first["loc"] else None) from None
-        raise OpenAIError(400, "the request body is not valid JSON") from None
+        payload = await read_json_body(request, rt.settings)
+    except BodyError as exc:
+        raise OpenAIError(exc.status, exc.message) from None
+    precheck(rt, payload)
+    req = await off_loop(parse_request, payload)
     if req.model not in served_names(rt):
-        raise OpenAIError(404, f"the model {req.model!r} does not exist; this server serves {rt.model.name!r}",
-                          param="model", code="model_not_found")
+        raise OpenAIError(404, f"the model {clip(repr(req.model))} does not exist; this server serves "
+                          f"{rt.model.name!r}", param="model", code="model_not_found")
     max_new = check_limits(rt, req)
-    tools, prefix = tools_and_prefix(req)
+    tools, turns = await constraints(rt, req)
+    prefix = turns.prefix
     try:
-        prompt_ids = build_prompt_ids(rt.tokenizer, to_messages(req.messages), tools)
+        prompt_ids = await tokenize_prompt(rt, to_messages(req.messages), tools)
     except OpenAIError:
         raise
+    except PromptTooLong as exc:
+        raise OpenAIError(400, str(exc), param="messages", code="context_length_exceeded") from None
     except Exception as exc:
-        raise OpenAIError(400, f"the chat template cannot render these messages: {exc}", param="messages") from None
+        raise OpenAIError(400, clip(f"the chat template cannot render these messages: {exc}", 300),
+                          param="messages") from None
     if prefix:
         prompt_ids += rt.tokenizer.encode(prefix, add_special_tokens=False)
     limit = rt.settings.max_prompt_tokens
@@ -250,7 +268,8 @@ async def _chat_completions(request: Request, rt: Runtime) -> Response:
         raise OpenAIError(400, f"prompt has {len(prompt_ids)} tokens; at most {limit} are accepted",
                           param="messages", code="context_length_exceeded")
     try:
-        stream = submit(rt, prompt_ids, sampling(rt, req, max_new), None)
+        stream = submit(rt, prompt_ids, replace(sampling(rt, req, max_new), grammar=turns.first), None,
+                        cache_salt=owner)
     except TaskFailure as failure:
         status, type_, code = STATUS_OF.get(failure.error.code, (500, "server_error", None))
         raise OpenAIError(status, failure.error.message, type_, code=code) from None
@@ -263,12 +282,19 @@ async def _chat_completions(request: Request, rt: Runtime) -> Response:
         return StreamingResponse(sse(rt, req, stream, prefix, completion_id, created, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     usage, result = Usage(), TurnOutput()
-    try:
+
+    async def whole_turn() -> None:
         async for _ in model_turn(rt, stream, req.stop, usage, result, prefix):
             pass
+    try:
+        if not await unless_disconnected(request, whole_turn()):
+            log.info("chat completion %s: the client went away; generation stopped", completion_id)
+            return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
     except TaskFailure as failure:
         status, type_, code = STATUS_OF.get(failure.error.code, (500, "server_error", None))
         raise OpenAIError(status, failure.error.message, type_, code=code) from None
+    finally:
+        stream.abort()  # every path: a disconnect, an error, even a cancel before the turn's first step
     message: dict[str, Any] = {"role": "assistant", "content": result.text or (None if result.calls else "")}
     if result.calls:
         message["tool_calls"] = tool_calls_of(result)
@@ -309,6 +335,31 @@ async def sse(rt: Runtime, req: ChatRequest, stream: Any, prefix: str, completio
     yield "data: [DONE]\n\n"
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read: only http.disconnect is left)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Coroutine[Any, Any, None]) -> bool:
+    """Run ``work`` unless the client goes away first: then cancel it (its engine request is aborted) and
+    return False. A non-streaming response is only sent at the end, so without this a client that hung up
+    kept its request generating to the last token."""
+    job = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not job.done():
+            job.cancel()
+        await asyncio.gather(job, gone, return_exceptions=True)
+    if job.cancelled():
+        return False
+    job.result()  # raises what the work raised
+    return True
+
+
 def served_names(rt: Runtime) -> set[str]:
     return {rt.model.name, rt.settings.model_id}
 
@@ -319,4 +370,4 @@ async def list_models(request: Request) -> Response:
         return OpenAIError(401, "missing or invalid API key", code="invalid_api_key").response()
     return JSONResponse({"object": "list", "data": [{
         "id": rt.model.name, "object": "model", "created": int(rt.started_at), "owned_by": "local",
-        "root": rt.settings.model_id, "max_model_len": rt.engine.engine.max_context, **rt.model.serving_info}]})
+        "root": rt.settings.model_id, "max_model_len": rt.engine.max_context, **rt.model.serving_info}]})

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import errno
 import logging
 import logging.handlers
+import math
 import os
 import re
 import socket
@@ -16,11 +16,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from log_context import session_var, task_var  # noqa: F401 (the log filter reads them; tests import them here)
+from store_backends import check_url
+
 if TYPE_CHECKING:  # heavy imports happen inside load_model, never at import time
     from auth import ApiKeys, RateLimiter, TicketBook
-    from engine import AsyncEngine
+    from engine import AsyncEngine, EngineConfig
+    from engine.mp_client import EngineProcess
+
+    EngineClient = AsyncEngine | EngineProcess  # the engine as the transport sees it: on a thread, or a process
     from metrics import Metrics
-    from tasks import SessionStore
+    from sessions import SessionRegistry
 
 log = logging.getLogger("inference")
 DOWNLOAD_HINT = "python scripts/download_14b_model.py"
@@ -72,6 +78,13 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+def _replica(raw: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", raw.strip()):
+        raise ValueError("use 1-32 lowercase letters, digits, _ or -, starting with a letter or digit (it names "
+                         "the HAProxy server of this replica)")
+    return raw.strip()
+
+
 def _list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
@@ -117,22 +130,77 @@ class Settings:
                                   "KV cache size in GiB (0 = auto: most of the free GPU memory)")
     kv_block_size: int = _setting("INFERENCE_KV_BLOCK_SIZE", _int(1, 4096), 64, "tokens per KV-cache block")
     prefill_chunk: int = _setting("INFERENCE_PREFILL_CHUNK", _int(1), 2048,
-                                  "prompt tokens per prefill step (several prompts can share one)")
+                                  "prompt tokens of one sequence per step (longer prompts are chunked); a step's "
+                                  "prompt budget when no sequence is decoding")
+    max_step_tokens: int = _setting("INFERENCE_MAX_STEP_TOKENS", _int(2), 128,
+                                    "tokens per step while sequences decode: one for each of them, prompt chunks in "
+                                    "the rest (must exceed INFERENCE_MAX_BATCH)")
+    attention: str = _setting("INFERENCE_ATTENTION", _choice("auto", "paged", "reference"), "auto",
+                              "paged (Triton kernels reading the KV pool in place), reference (gather + SDPA); "
+                              "auto = paged on CUDA, reference on the CPU")
     cuda_graphs: str = _setting("INFERENCE_CUDA_GRAPHS", _choice("on", "off"), "on",
                                 "replay decode steps as CUDA graphs (on CUDA)")
     max_queue: int = _setting("INFERENCE_MAX_QUEUE", _int(1), 256, "requests waiting for a batch slot")
     tool_result_timeout_s: float = _setting("INFERENCE_TOOL_RESULT_TIMEOUT_S", _float(0.001), 300.0,
                                             "how long a task waits for tool_result")
+    structured_outputs: str = _setting("INFERENCE_STRUCTURED_OUTPUTS", _choice("on", "off"), "on",
+                                       "constrained decoding: tool calls that match their tool's schema by "
+                                       "construction, tool_choice and response_format enforced by a grammar; off: "
+                                       "tool calls are validated after the fact (INFERENCE_TOOL_CALL_RETRIES) and "
+                                       "response_format is refused")
     tool_call_retries: int = _setting("INFERENCE_TOOL_CALL_RETRIES", _int(0), 1,
                                       "model calls a task may spend on correcting tool calls that name no tool or "
                                       "whose arguments break the tool's schema; then they reach the client flagged")
     session_idle_timeout_s: float = _setting("INFERENCE_SESSION_IDLE_TIMEOUT_S", _float(1.0), 3600.0,
                                              "idle sessions are deleted after this long")
     max_sessions: int = _setting("INFERENCE_MAX_SESSIONS", _int(1), 10000, "sessions alive at once")
+    # durable sessions, resumable streams, replicas
+    session_store: str = _setting("INFERENCE_SESSION_STORE", check_url, "sqlite:///sessions.db",
+                                  "where sessions are kept: sqlite:///path.db (this server; relative to the working "
+                                  "directory), redis://host:port/db (shared by replicas), or memory (lost on restart)")
+    session_max_bytes: int = _setting("INFERENCE_SESSION_MAX_BYTES", _int(4096), 32 * 2**20,
+                                      "largest stored session (its conversation and tools as JSON)")
+    resume_grace_s: float = _setting("INFERENCE_RESUME_GRACE_S", _float(0.0), 30.0,
+                                     "a task whose socket dropped runs on this long, buffering, for the client to "
+                                     "reconnect with ?resume_from=; 0 = cancel it at once")
+    resume_buffer_bytes: int = _setting("INFERENCE_RESUME_BUFFER_BYTES", _int(4096), 2**20,
+                                        "notifications kept per session for a resuming client (JSON bytes)")
+    replica_id: str = _setting("INFERENCE_REPLICA_ID", _replica, "",
+                               "this replica's name (HAProxy's server name): session ids begin with it, so the "
+                               "proxy routes each session back here; empty = plain uuid session ids")
+    async_scheduling: str = _setting("INFERENCE_ASYNC_SCHEDULING", _choice("auto", "on", "off"), "auto",
+                                     "schedule and send step N+1 while the GPU runs step N (the host's work per step "
+                                     "hides behind the GPU; a finished row computes one dropped token more); steps "
+                                     "with grammar rows still run one at a time; auto = on with CUDA (a CPU runs "
+                                     "the forward pass itself: nothing to overlap)")
+    engine_process: str = _setting("INFERENCE_ENGINE_PROCESS", _choice("auto", "on", "off"), "auto",
+                                   "on: the engine (model, scheduler, KV cache) runs in a process of its own, so "
+                                   "streaming to clients never slows its steps; off: on a thread of the server's "
+                                   "process; auto: on, unless the model loader cannot be sent to another process "
+                                   "(tests' scripted models)")
+    stream_coalesce: str = _setting("INFERENCE_STREAM_COALESCE", _choice("on", "off"), "on",
+                                    "while a client reads slower than its stream comes (its socket's messages wait to "
+                                    "be written), join the text of later tokens into one text_chunk; the first chunk "
+                                    "of a model call is never held")
     ws_max_message_bytes: int = _setting("INFERENCE_WS_MAX_MESSAGE_BYTES", _int(1024), 16 * 2**20,
                                          "largest WebSocket message (and HTTP body) accepted")
     ws_send_queue: int = _setting("INFERENCE_WS_SEND_QUEUE", _int(16), 4096,
                                   "messages queued for a client that reads too slowly before it is disconnected")
+    ws_send_queue_bytes: int = _setting("INFERENCE_WS_SEND_QUEUE_BYTES", _int(65536), 8 * 2**20,
+                                        "bytes queued for a client that reads too slowly before it is disconnected")
+    max_json_values: int = _setting("INFERENCE_MAX_JSON_VALUES", _int(1000), 100_000,
+                                    "JSON values in one WebSocket message or HTTP body, bounded by counting , [ { "
+                                    "before parsing (commas inside strings count too)")
+    rpc_max_batch: int = _setting("INFERENCE_RPC_MAX_BATCH", _int(1, 10_000), 32,
+                                  "requests in one JSON-RPC batch (a larger batch is refused whole)")
+    http_header_timeout_s: float = _setting("INFERENCE_HTTP_HEADER_TIMEOUT_S", _float(0.1), 10.0,
+                                            "seconds a connection may take to send a request's headers")
+    http_body_timeout_s: float = _setting("INFERENCE_HTTP_BODY_TIMEOUT_S", _float(0.1), 60.0,
+                                          "seconds a request may take to send its body")
+    http_keep_alive_s: int = _setting("INFERENCE_HTTP_KEEP_ALIVE_S", _int(1, 3600), 5,
+                                      "seconds an idle keep-alive HTTP connection stays open")
+    max_connections: int = _setting("INFERENCE_MAX_CONNECTIONS", _int(1), 1024,
+                                    "open connections (HTTP and WebSocket); beyond, requests get 503")
     # security
     api_key: str = _setting("INFERENCE_API_KEY", _text, "", "API key required on every request (none: no auth)")
     api_keys_file: str = _setting("INFERENCE_API_KEYS_FILE", _text, "", "file with one API key per line")
@@ -151,6 +219,10 @@ class Settings:
     max_message_chars: int = _setting("INFERENCE_MAX_MESSAGE_CHARS", _int(1), 1_000_000,
                                       "characters in one message (and in one history entry)")
     max_history_messages: int = _setting("INFERENCE_MAX_HISTORY_MESSAGES", _int(1), 2000, "entries in a history")
+    max_tool_result_chars: int = _setting("INFERENCE_MAX_TOOL_RESULT_CHARS", _int(1), 100_000,
+                                          "characters of one tool result (as the text the model reads)")
+    max_tool_round_chars: int = _setting("INFERENCE_MAX_TOOL_ROUND_CHARS", _int(1), 200_000,
+                                         "characters of all the tool results of one round of tool calls")
     max_prompt_tokens: int = _setting("INFERENCE_MAX_PROMPT_TOKENS", _int(0), 0,
                                       "prompt tokens per model call (0 = the context minus one)")
     shutdown_grace_s: float = _setting("INFERENCE_SHUTDOWN_GRACE_S", _float(0.0), 30.0,
@@ -175,6 +247,10 @@ class Settings:
                 kwargs[f.name] = f.metadata["parse"](raw)
             except ValueError as exc:
                 problems.append(f"{f.metadata['env']}={raw!r} is invalid: {exc}")
+        step_tokens = kwargs.get("max_step_tokens", cls.max_step_tokens)
+        if not problems and step_tokens <= kwargs.get("max_batch", cls.max_batch):
+            problems.append(f"INFERENCE_MAX_STEP_TOKENS={step_tokens} must exceed INFERENCE_MAX_BATCH (a step carries "
+                            f"a token for every running sequence and room for prompt tokens)")
         if problems:
             raise ConfigError("; ".join(problems))
         return cls(**kwargs)
@@ -260,10 +336,6 @@ def check_model_source(settings: Settings) -> None:
 
 
 # ---- logging -----------------------------------------------------------------------------------------------
-session_var: contextvars.ContextVar[str] = contextvars.ContextVar("session_id", default="-")
-task_var: contextvars.ContextVar[str] = contextvars.ContextVar("task_id", default="-")
-
-
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.session_id = session_var.get()
@@ -272,6 +344,17 @@ class _ContextFilter(logging.Filter):
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [session=%(session_id)s task=%(task_id)s] %(message)s"
+# Line breaks and other control characters a log viewer could act on, as escapes
+_LOG_ESCAPES = {**{c: f"\\x{c:02x}" for c in range(32) if c != 9}, 10: "\\n", 13: "\\r", 0x7F: "\\x7f",
+                0x85: "\\x85", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+class EscapingFormatter(logging.Formatter):
+    """One record, one line: client and model text in a message (a tool name with a newline) cannot forge a
+    log line. Tracebacks, appended after the message, keep their lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).translate(_LOG_ESCAPES)
 
 
 def setup_logging(settings: Settings) -> None:
@@ -284,7 +367,7 @@ def setup_logging(settings: Settings) -> None:
         settings.log_file, maxBytes=settings.log_max_bytes, backupCount=settings.log_backup_count, encoding="utf-8")]
     for handler in handlers:
         handler._inference = True  # type: ignore[attr-defined]
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.setFormatter(EscapingFormatter(LOG_FORMAT))
         handler.addFilter(_ContextFilter())
         root.addHandler(handler)
     root.setLevel(settings.log_level)
@@ -383,6 +466,16 @@ def _stop_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
+def count_parameters(model: Any) -> int:
+    """Parameters as the model defines them: a 4-bit weight counts its logical shape, not its packed bytes
+    (bitsandbytes stores two NF4 values per uint8 element)."""
+    total = 0
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        total += math.prod(state.shape) if state is not None else p.numel()
+    return total
+
+
 @contextlib.contextmanager
 def _hub_errors(model_id: str) -> Iterator[None]:
     """A download that fails midway (network, disk full) becomes a ConfigError naming the cause."""
@@ -416,12 +509,15 @@ def load_model(settings: Settings) -> LoadedModel:
                           f"supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     elapsed = time.perf_counter() - started
     gpu = (f", GPU memory allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB" if device == "cuda" else "")
-    nparams = sum(p.numel() for p in model.parameters())
+    nparams = count_parameters(model)
     log.info("loaded %s (%s, %.2fB params, quantization=%s, dtype=%s, attn=%s, device=%s) in %.1f s%s",
              settings.model_id, model.config.model_type, nparams / 1e9, quant, kwargs["dtype"],
              settings.attn_implementation, device, elapsed, gpu)
     info = {"device": device, "quantization": quant, "dtype": str(kwargs["dtype"]).removeprefix("torch.")}
-    paged = PagedQwen2(model)
+    try:
+        paged = PagedQwen2(model)
+    except ValueError as exc:  # a model the engine cannot serve correctly (e.g. batch-dependent RoPE scaling)
+        raise ConfigError(f"INFERENCE_MODEL_ID={settings.model_id!r}: {exc}") from None
     if quant == "nf4":
         from engine import nf4
 
@@ -435,17 +531,42 @@ def load_model(settings: Settings) -> LoadedModel:
 
 
 def kv_cache_bytes(settings: Settings, paged_model: Any, max_context: int) -> int:
-    """Bytes for the KV pool: the configured size, else most of the free GPU memory, else enough on a CPU."""
+    """Bytes for the KV pool: the configured size; else, on CUDA, 0 (auto: ``engine.memory`` sizes it from the free
+    memory once the largest step and the decode graphs are measured); else enough on a CPU."""
     if settings.kv_cache_gb > 0:
         return int(settings.kv_cache_gb * 2**30)
     per_token = paged_model.kv_bytes_per_token()
     if str(paged_model.device).startswith("cuda"):
-        import torch
-
-        free, _total = torch.cuda.mem_get_info()
-        headroom = 3 * 2**30  # activations, logits, sampler buffers, CUDA graphs
-        return max(int((free - headroom) * 0.9), max_context * per_token)
+        return 0  # the engine measures its largest step and its decode graphs, then takes most of what is free
     return min(4 * 2**30, max(max_context * per_token, max_context * per_token * min(settings.max_batch, 8)))
+
+
+def engine_config(settings: Settings, loaded: LoadedModel) -> EngineConfig:
+    """The engine's configuration from the settings and the loaded model (checked: a bad value names its variable)."""
+    max_context = settings.max_context or loaded.max_position_embeddings
+    if max_context > loaded.max_position_embeddings:
+        log.warning("INFERENCE_MAX_CONTEXT=%d exceeds the model's %d positions: using %d", max_context,
+                    loaded.max_position_embeddings, loaded.max_position_embeddings)
+        max_context = loaded.max_position_embeddings
+    if settings.max_step_tokens <= settings.max_batch:
+        raise ConfigError(f"INFERENCE_MAX_STEP_TOKENS={settings.max_step_tokens} must exceed INFERENCE_MAX_BATCH="
+                          f"{settings.max_batch}: a step carries a token for every running sequence and room for "
+                          f"prompt tokens")
+    from engine import EngineConfig
+    from engine.attention import resolve_backend
+
+    try:
+        resolve_backend(settings.attention, loaded.paged_model.device)
+    except ValueError as exc:
+        raise ConfigError(f"INFERENCE_ATTENTION={settings.attention}: {exc}") from None
+    return EngineConfig(max_running=settings.max_batch, max_context=max_context, block_size=settings.kv_block_size,
+                        kv_cache_bytes=kv_cache_bytes(settings, loaded.paged_model, max_context),
+                        prefill_chunk=settings.prefill_chunk, max_step_tokens=settings.max_step_tokens,
+                        attention=settings.attention, max_queue=settings.max_queue,
+                        cuda_graphs=settings.cuda_graphs == "on",
+                        async_scheduling=settings.async_scheduling == "on" or (
+                            settings.async_scheduling == "auto" and str(loaded.paged_model.device).startswith("cuda")))
+
 
 
 # ---- runtime -------------------------------------------------------------------------------------------------
@@ -455,12 +576,13 @@ class Runtime:
 
     settings: Settings
     model: LoadedModel
-    engine: AsyncEngine
-    sessions: SessionStore
+    engine: EngineClient
+    sessions: SessionRegistry
     keys: ApiKeys
     tickets: TicketBook
     limiter: RateLimiter
     metrics: Metrics
+    grammars: Any = None  # grammars.GrammarCompiler; None with INFERENCE_STRUCTURED_OUTPUTS=off
     connections: set[Any] = field(default_factory=set)  # open WebSocket connections
     draining: bool = False  # shutting down: no new sessions or tasks
     started_at: float = field(default_factory=time.time)

@@ -2,22 +2,23 @@
 per-task turn loop ``generate_interactive_stream_ws``."""
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from jsonschema.exceptions import best_match
-from jsonschema.validators import validator_for
+from tokenizers.decoders import DecodeStream
 
 from engine import ContextLengthExceeded, EngineOverloaded, EngineStopped, FinishReason, RequestStream, SamplingParams
-from jsonrpc import strict_json_loads
+from jsonrpc import clip, strict_json_loads
+from limits import PromptTooLong, check_prompt_size
 from models import (ErrorCode, FinalTextParams, FunctionCallRequestParams, GenerateRequestParams, HistoryMessage,
                     ToolCallRequest, ToolDefinition, Usage)
 from tasks import Task, TaskFailure, new_id, tool_message
+from tool_schemas import argument_error
+from workers import off_loop
 
 if TYPE_CHECKING:
     from shared import GenerationDefaults, Runtime
@@ -50,12 +51,36 @@ def history_to_messages(history: Sequence[HistoryMessage]) -> list[dict[str, Any
     return messages
 
 
-def build_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], tools: Sequence[ToolDefinition]) -> list[int]:
-    """Token ids of the conversation rendered by the model's own chat template, ready for the reply."""
+def build_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], tools: Sequence[ToolDefinition],
+                     max_tokens: int | None = None) -> list[int]:
+    """Token ids of the conversation rendered by the model's own chat template, ready for the reply.
+
+    With ``max_tokens``, a conversation that cannot fit is refused (PromptTooLong) before it is tokenized when
+    its size alone proves it, else after. Costly: call it off the event loop (``tokenize_prompt``)."""
+    if max_tokens is not None:
+        check_prompt_size(tokenizer, messages, tools, max_tokens)
     encoded = tokenizer.apply_chat_template(messages, tools=[t.for_template() for t in tools] or None,
                                             add_generation_prompt=True, tokenize=True)
     ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+    ids = list(ids[0] if ids and isinstance(ids[0], list) else ids)
+    if max_tokens is not None and len(ids) > max_tokens:
+        raise PromptTooLong(max_tokens, tokens=len(ids))
+    return ids
+
+
+def max_prompt_tokens(rt: Runtime) -> int:
+    """Prompt tokens one model call may have: the configured limit, else the context minus one new token."""
+    return rt.settings.max_prompt_tokens or rt.engine.max_context - 1
+
+
+def context_data(rt: Runtime, exc: PromptTooLong) -> dict[str, int]:
+    """The data of a -32004 error: the prompt's size, its limit, the context."""
+    return {**exc.data(), "max_context": rt.engine.max_context}
+
+
+async def tokenize_prompt(rt: Runtime, messages: list[dict[str, Any]], tools: Sequence[ToolDefinition]) -> list[int]:
+    """``build_prompt_ids`` on the worker pool, priced against the prompt limit."""
+    return await off_loop(build_prompt_ids, rt.tokenizer, list(messages), list(tools), max_prompt_tokens(rt))
 
 
 def sampling_params(p: GenerateRequestParams, defaults: GenerationDefaults, max_new_tokens: int,
@@ -76,14 +101,10 @@ def call_error(name: str, arguments: dict[str, Any], tools: Sequence[ToolDefinit
     """Why a parsed tool call cannot be run as is (no such tool, or arguments that break its JSON Schema)."""
     tool = next((t for t in tools if t.name == name), None)
     if tool is None:
-        known = ", ".join(t.name for t in tools) or "none"
-        return f"there is no tool named {name!r} (the tools are: {known})"
-    validator = validator_for(tool.parameters)(tool.parameters)
-    error = best_match(validator.iter_errors(arguments))
-    if error is None:
-        return None
-    where = "/".join(str(p) for p in error.absolute_path)
-    return f"invalid arguments for {name}: {error.message}" + (f" (at {where})" if where else "")
+        known = ", ".join(t.name for t in tools[:32]) or "none"
+        return f"there is no tool named {clip(repr(name), 100)} (the tools are: {known})"
+    error = argument_error(tool.parameters, arguments)  # RE2 patterns, bounded work: may still take a while
+    return None if error is None else f"invalid arguments for {name}: {error}"
 
 
 def correction_message(call: ToolCallRequest, error: str | None) -> dict[str, Any]:
@@ -96,11 +117,16 @@ def correction_message(call: ToolCallRequest, error: str | None) -> dict[str, An
 
 # ---- streaming text ------------------------------------------------------------------------------------------------
 class IncrementalDetokenizer:
-    """Token ids -> text deltas that never split a multi-byte character (TGI's prefix/read offsets)."""
+    """Token ids -> text deltas that never split a multi-byte character.
+
+    The tokenizers library's ``DecodeStream`` (Rust: a token costs one short decode, not two Python decodes of a
+    growing window) where the tokenizer has a Rust backend; else TGI's prefix/read offsets in Python."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.stream = DecodeStream(skip_special_tokens=True) if self.backend is not None else None
+        self.ids: list[int] = []  # (Python path) every id; (Rust path) the last shown one, then those not shown yet
         self.prefix_offset = 0
         self.read_offset = 0
 
@@ -108,6 +134,14 @@ class IncrementalDetokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def push(self, token_id: int) -> str:
+        if self.stream is not None:
+            text = self.stream.step(self.backend, token_id)
+            if text is None:
+                self.ids.append(token_id)
+                return ""
+            self.ids = [token_id]
+            self.read_offset = 1
+            return text
         self.ids.append(token_id)
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         text = self._decode(self.ids[self.prefix_offset:])
@@ -120,15 +154,23 @@ class IncrementalDetokenizer:
         """Whatever is left (an incomplete character at the very end decodes as U+FFFD)."""
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         text = self._decode(self.ids[self.prefix_offset:])
-        self.prefix_offset = self.read_offset = len(self.ids)
+        if self.stream is not None:  # start again after what is shown now
+            self.stream = DecodeStream(skip_special_tokens=True)
+            self.ids, self.read_offset = [], 0
+        else:
+            self.prefix_offset = self.read_offset = len(self.ids)
         return text[len(prefix):]
 
 
 def _partial_suffix(text: str, needle: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``needle``."""
-    for k in range(min(len(needle) - 1, len(text)), 0, -1):
-        if text.endswith(needle[:k]):
-            return k
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``needle`` (such a suffix starts with
+    ``needle[0]``: only those places are tried, found at C speed)."""
+    start = max(0, len(text) - len(needle) + 1)
+    i = text.find(needle[0], start)
+    while i >= 0:
+        if needle.startswith(text[i:]):
+            return len(text) - i
+        i = text.find(needle[0], i + 1)
     return 0
 
 
@@ -183,6 +225,28 @@ def parse_tool_call(body: str) -> ParsedCall | None:
     return ParsedCall(obj["name"], args) if isinstance(args, dict) else None
 
 
+def _inside_json_string(text: str) -> bool:
+    """Whether ``text`` (the start of a JSON document) ends inside a string."""
+    inside, escaped = False, False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and inside:
+            escaped = True
+        elif ch == '"':
+            inside = not inside
+    return inside
+
+
+def _call_end(buffer: str) -> int:
+    """Where the call's ``</tool_call>`` is: the first one outside a JSON string (an argument may contain the
+    tag's text), or -1 while none has arrived."""
+    end = buffer.find(TOOL_CLOSE)
+    while end >= 0 and _inside_json_string(buffer[:end]):
+        end = buffer.find(TOOL_CLOSE, end + 1)
+    return end
+
+
 @dataclass
 class ToolCallParser:
     """Splits the model's text into visible text and ``<tool_call>`` blocks as it streams.
@@ -205,7 +269,7 @@ class ToolCallParser:
         out: list[str] = []
         while True:
             if self.in_call:
-                end = self.buffer.find(TOOL_CLOSE)
+                end = _call_end(self.buffer)
                 if end < 0:
                     break
                 body, self.buffer = self.buffer[:end], self.buffer[end + len(TOOL_CLOSE):]
@@ -246,6 +310,14 @@ class ToolCallParser:
     def flush(self) -> str:
         """End of stream: an unterminated call is kept if its JSON is complete, else shown as text."""
         out: list[str] = []
+        if self.in_call and (end := self.buffer.find(TOOL_CLOSE)) >= 0:
+            # Every close was inside a string of a call that never parsed: a malformed call, which ends at its
+            # first close after all (as text); what follows it is parsed as usual.
+            body, rest = self.buffer[:end], self.buffer[end + len(TOOL_CLOSE):]
+            self.buffer, self.in_call = "", False
+            self._show(TOOL_OPEN + body + TOOL_CLOSE, out)
+            out.append(self.push(rest))
+            return "".join(out) + self.flush()
         buffer, self.buffer = self.buffer, ""
         if self.in_call:
             self.in_call = False
@@ -274,10 +346,12 @@ class TurnOutput:
     first_token_at: float | None = None
 
 
-def submit(rt: Runtime, prompt_ids: list[int], params: SamplingParams, session_key: str | None) -> RequestStream:
-    """Submit one model call to the engine, mapping its refusals to JSON-RPC errors."""
+def submit(rt: Runtime, prompt_ids: list[int], params: SamplingParams, session_key: str | None,
+           cache_salt: str = "") -> RequestStream:
+    """Submit one model call to the engine, mapping its refusals to JSON-RPC errors. ``cache_salt`` (the
+    owning key) keeps prefix-cache sharing within one key."""
     try:
-        return rt.engine.generate(prompt_ids, params, session_key=session_key)
+        return rt.engine.generate(prompt_ids, params, session_key=session_key, cache_salt=cache_salt)
     except ContextLengthExceeded as exc:
         raise TaskFailure(ErrorCode.CONTEXT_LENGTH_EXCEEDED, str(exc),
                           {"prompt_tokens": exc.prompt_tokens, "max_context": exc.max_context}) from None
@@ -289,7 +363,15 @@ def submit(rt: Runtime, prompt_ids: list[int], params: SamplingParams, session_k
 
 
 def open_stream(rt: Runtime, task: Task, prompt_ids: list[int]) -> RequestStream:
-    return submit(rt, prompt_ids, task.params, task.session.session_id)
+    """The task's next model call, under its grammar (the first call's follows tool_choice, after its forced
+    prefix); the task aborts it if it ends first."""
+    first = task.model_calls == 0
+    if first and task.turns.prefix:
+        prompt_ids = prompt_ids + rt.tokenizer.encode(task.turns.prefix, add_special_tokens=False)
+    params = replace(task.params, grammar=task.turns.grammar(first))
+    task.stream = submit(rt, prompt_ids, params, task.session.session_id, task.session.owner)
+    task.model_calls += 1
+    return task.stream
 
 
 async def model_turn(rt: Runtime, stream: RequestStream, stop: Sequence[str], usage: Usage, result: TurnOutput,
@@ -306,6 +388,7 @@ async def model_turn(rt: Runtime, stream: RequestStream, stop: Sequence[str], us
     completion, first = 0, True
     metrics, last = rt.metrics, stream.submitted_at
     async with stream:
+        # Events that came while this task was busy arrive merged (RequestStream): one pass per wake-up.
         async for event in stream:
             if event.error is not None:
                 raise TaskFailure(ErrorCode.GENERATION_FAILED, event.error)
@@ -321,19 +404,19 @@ async def model_turn(rt: Runtime, stream: RequestStream, stop: Sequence[str], us
             elif event.token_ids:
                 metrics.itl.observe(now - last)
             last = now
-            metrics.generated_tokens.inc(event.completion_tokens - completion)
-            usage.completion_tokens += event.completion_tokens - completion  # kept current: a cancel may come
+            new = event.completion_tokens - completion
+            metrics.generated_tokens.inc(new)
+            usage.completion_tokens += new  # kept current: a cancel may come
             completion = event.completion_tokens
-            if text := parser.push(stops.push("".join(detok.push(t) for t in event.token_ids))):
+            ids = event.token_ids
+            text = detok.push(ids[0]) if len(ids) == 1 else "".join([detok.push(t) for t in ids])
+            if text and (text := parser.push(stops.push(text))):
                 pieces.append(text)
                 yield text
             if stops.stopped:
                 break
             if event.finished:
                 result.finish_reason = event.finish_reason
-            # Let other tasks (the connection's sender) run: events that piled up while the loop was busy must
-            # not fill the bounded send queue of a client that reads fine (a full queue means "stalled client").
-            await asyncio.sleep(0)
     tail = "" if stops.stopped else parser.push(stops.push(detok.flush())) + parser.push(stops.flush())
     if text := tail + parser.flush():
         pieces.append(text)
@@ -341,15 +424,19 @@ async def model_turn(rt: Runtime, stream: RequestStream, stop: Sequence[str], us
     result.text, result.calls = "".join(pieces), parser.calls
 
 
-async def stream_turn(rt: Runtime, task: Task, stream: RequestStream, separator: str = "") -> TurnOutput:
-    """One model call of a task: its text as ``text_chunk``s (``separator`` before the first one)."""
+async def stream_turn(rt: Runtime, task: Task, stream: RequestStream, separator: str = "",
+                      prefix: str = "") -> TurnOutput:
+    """One model call of a task: its text as ``text_chunk``s (``separator`` before the first one); ``prefix``: the
+    forced opening its prompt ended with."""
     result = TurnOutput()
-    sid = task.session.session_id
-    async for text in model_turn(rt, stream, task.stop, task.usage, result):
-        # the hottest notification: built as a plain dict (same shape as models.TextChunkParams)
-        task.session.emit_raw("text_chunk", {"session_id": sid, "task_id": task.task_id, "chunk": separator + text})
-        separator = ""
+    session, coalesce, first = task.session, rt.settings.stream_coalesce == "on", True
+    async for text in model_turn(rt, stream, task.stop, task.usage, result, prefix):
+        # the hottest notification: built as a plain dict (same shape as models.TextChunkParams); the first chunk
+        # of a model call goes out at once, later ones may be joined while the client is behind
+        session.emit_chunk(task.task_id, separator + text, coalesce and not first)
+        separator, first = "", False
         task.first_token_at = task.first_token_at or result.first_token_at
+    session.flush_held()
     task.first_token_at = task.first_token_at or result.first_token_at
     return result
 
@@ -361,25 +448,29 @@ async def generate_interactive_stream_ws(task: Task, rt: Runtime) -> str:
     KV cache makes that cost only the new tokens.
     """
     session, texts = task.session, []
-    stream = task.first_stream
+    stream = task.stream  # the first model call, submitted by generate
     corrections = 0
     while True:
         if stream is None:
-            prompt_ids = build_prompt_ids(rt.tokenizer, session.messages, task.tools)
-            stream = open_stream(rt, task, prompt_ids)
-        task.first_stream = None
+            try:
+                ids = await tokenize_prompt(rt, session.messages, task.tools)
+            except PromptTooLong as exc:
+                raise TaskFailure(ErrorCode.CONTEXT_LENGTH_EXCEEDED, str(exc), context_data(rt, exc)) from None
+            stream = open_stream(rt, task, ids)
         separator = "\n\n" if any(texts) else ""
-        turn = await stream_turn(rt, task, stream, separator)
+        turn = await stream_turn(rt, task, stream, separator, task.turns.prefix if task.model_calls == 1 else "")
         stream = None
         texts.append(separator + turn.text if turn.text else "")
         if not turn.calls:
             session.messages.append(assistant_message(turn.text))
+            session.stored_task = None  # the task's work is in the conversation: nothing to roll back any more
+            await session.save_durably()  # a client that reads final_text can count on the conversation
             task.emit("final_text", FinalTextParams(session_id=session.session_id, task_id=task.task_id,
                                                     final_text="".join(texts)))
             return turn.finish_reason.value
         calls = [ToolCallRequest(call_id=new_id("call-"), tool=c.name, parameters=c.arguments) for c in turn.calls]
         session.messages.append(assistant_message(turn.text, calls))
-        errors = [call_error(c.tool, c.parameters, task.tools) for c in calls]
+        errors = await off_loop(lambda: [call_error(c.tool, c.parameters, task.tools) for c in calls])
         if any(errors):
             if corrections < rt.settings.tool_call_retries:
                 # The model gets the validation errors as tool responses and calls again; the client never
@@ -389,8 +480,10 @@ async def generate_interactive_stream_ws(task: Task, rt: Runtime) -> str:
                 session.messages.extend(correction_message(c, e) for c, e in zip(calls, errors))
                 continue
             calls = [c.model_copy(update={"validation_error": e}) if e else c for c, e in zip(calls, errors)]
-        task.emit("function_call_request", FunctionCallRequestParams(
-            session_id=session.session_id, task_id=task.task_id, tool_calls=calls))
-        log.info("tool calls: %s", ", ".join(c.tool for c in calls))
+        await session.save_durably()  # the calls are stored before the client runs them
+        task.request_tools(FunctionCallRequestParams(session_id=session.session_id, task_id=task.task_id,
+                                                     tool_calls=calls))
+        log.info("tool calls: %s", ", ".join(clip(c.tool, 100) for c in calls))
         answered = await task.await_tool_results(calls, rt.settings.tool_result_timeout_s)
-        session.messages.extend(tool_message(p.request, p.result) for p in answered)
+        session.messages.extend(tool_message(p.request, p.result, p.content) for p in answered)
+        session.save()

@@ -1,50 +1,20 @@
-"""Bridge from the engine thread to asyncio: one queue per request, filled with call_soon_threadsafe."""
+"""The engine's events on an asyncio event loop: a ``RequestStream`` per request, and the in-process bridge.
+
+A ``RequestStream`` is a collector, not a queue (vLLM v1's output collector): events delivered while its reader is
+busy are merged into one (their tokens joined, the latest counters and finish kept), so a reader that falls behind
+catches up in one wake-up with one piece of text instead of one per token; a reader that keeps up sees every
+event as it came. The engine's events reach the loop once per step, in one call, whichever side of the boundary
+the engine runs on (``AsyncEngine``: a thread of this process; ``engine.mp_client``: its own process).
+"""
 from __future__ import annotations
 
 import asyncio
-import threading
+import os
 import time
-import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 
-from engine.core import Engine
-from engine.request import SamplingParams, TokenEvent
-
-
-class _Wakeups:
-    """Delivers events from the engine thread to one event loop with one wake-up per batch of events
-    (one per engine step) instead of one per token per request."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.lock = threading.Lock()
-        self.pending: list[tuple[asyncio.Queue[TokenEvent], TokenEvent]] = []
-
-    def push(self, queue: asyncio.Queue[TokenEvent], event: TokenEvent) -> None:  # engine thread
-        with self.lock:
-            self.pending.append((queue, event))
-            if len(self.pending) > 1:
-                return  # a flush is already scheduled
-        try:
-            self.loop.call_soon_threadsafe(self._flush)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            with self.lock:
-                self.pending.clear()
-
-    def _flush(self) -> None:  # event loop
-        with self.lock:
-            items, self.pending = self.pending, []
-        for queue, event in items:
-            queue.put_nowait(event)
-
-
-_wakeups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Wakeups] = weakref.WeakKeyDictionary()
-
-
-def _wakeups_for(loop: asyncio.AbstractEventLoop) -> _Wakeups:
-    if loop not in _wakeups:
-        _wakeups[loop] = _Wakeups(loop)
-    return _wakeups[loop]
+from engine.core import Engine, call_sinks
+from engine.request import EventSink, SamplingParams, TokenEvent
 
 
 class RequestStream:
@@ -54,26 +24,55 @@ class RequestStream:
     request is aborted on every path (break, cancellation, error).
     """
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
-        self._engine = engine
-        self._wakeups = _wakeups_for(loop)
-        self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self.request_id = ""
-        self.finished = False
-        self.submitted_at = time.perf_counter()
+    __slots__ = ("_abort", "_loop", "_tokens", "_last", "_waiter", "request_id", "finished", "submitted_at",
+                 "merged")
 
-    def _sink(self, event: TokenEvent) -> None:  # engine thread
-        self._wakeups.push(self._queue, event)
+    def __init__(self, abort: Callable[[str], None], loop: asyncio.AbstractEventLoop) -> None:
+        self._abort = abort
+        self._loop = loop
+        self._tokens: list[int] = []
+        self._last: TokenEvent | None = None  # the latest event not read yet (its tokens: ``_tokens``)
+        self._waiter: asyncio.Future[None] | None = None
+        self.request_id = ""
+        self.finished = False  # the reader has the final event, or the request was aborted
+        self.submitted_at = time.perf_counter()
+        self.merged = 0  # events merged into others because the reader was behind
+
+    def deliver(self, event: TokenEvent) -> None:
+        """Event loop: one event of this request (merged into the unread one if there is one)."""
+        if self._last is not None:
+            self.merged += 1
+            if self._last.finished:  # nothing follows a final event
+                return
+        self._tokens.extend(event.token_ids)
+        self._last = event
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _take(self) -> TokenEvent:
+        last, tokens = self._last, self._tokens
+        self._last, self._tokens = None, []
+        if len(tokens) == len(last.token_ids):
+            return last
+        return TokenEvent(last.request_id, tuple(tokens), last.finish_reason, last.error, last.prompt_tokens,
+                          last.cached_tokens, last.completion_tokens)
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
         while not self.finished:
-            event = await self._queue.get()
+            if self._last is None:
+                self._waiter = self._loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            event = self._take()
             self.finished = event.finished
             yield event
 
     def abort(self) -> None:
         if not self.finished and self.request_id:
-            self._engine.abort(self.request_id)
+            self._abort(self.request_id)
             self.finished = True
 
     async def __aenter__(self) -> RequestStream:
@@ -83,12 +82,89 @@ class RequestStream:
         self.abort()
 
 
+def dispatch(batch: Iterable[tuple[RequestStream, TokenEvent]]) -> None:
+    """Event loop: a step's events to their streams."""
+    for stream, event in batch:
+        stream.deliver(event)
+
+
 class AsyncEngine:
+    """The engine on a thread of this process, for asyncio callers. Streams of this loop get a step's events in one
+    ``call_soon_threadsafe``; other sinks (direct ``Engine.submit`` callers) are called on the engine thread."""
+
+    in_process = True
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        engine.deliver = self._deliver
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, session_key: str | None = None) -> RequestStream:
+    def _deliver(self, batch: list[tuple[EventSink, TokenEvent]]) -> None:  # engine thread
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, TokenEvent]]] = {}
+        others = []
+        for sink, event in batch:
+            if type(sink) is RequestStream:
+                by_loop.setdefault(sink._loop, []).append((sink, event))
+            else:
+                others.append((sink, event))
+        if others:
+            call_sinks(others)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(dispatch, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+    # ---- what the transport uses (the same on both sides of a process boundary) --------------------------------
+    def generate(self, prompt_ids: list[int], params: SamplingParams, session_key: str | None = None,
+                 cache_salt: str = "") -> RequestStream:
         """Submit a request (errors of ``Engine.submit`` are raised here, synchronously)."""
-        stream = RequestStream(self.engine, asyncio.get_running_loop())
-        stream.request_id = self.engine.submit(prompt_ids, params, stream._sink, session_key)
+        stream = RequestStream(self.engine.abort, asyncio.get_running_loop())
+        stream.request_id = self.engine.submit(prompt_ids, params, stream, session_key, cache_salt)  # type: ignore
         return stream
+
+    def release_session(self, session_key: str) -> None:
+        self.engine.release_session(session_key)
+
+    @property
+    def on_step(self) -> Callable[[str, int, float], None] | None:
+        return self.engine.on_step
+
+    @on_step.setter
+    def on_step(self, hook: Callable[[str, int, float], None] | None) -> None:
+        self.engine.on_step = hook
+
+    @property
+    def alive(self) -> bool:
+        return self.engine.alive
+
+    @property
+    def dead_reason(self) -> str | None:
+        return self.engine.dead_reason
+
+    @property
+    def max_context(self) -> int:
+        return self.engine.max_context
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model.vocab_size
+
+    def stats(self) -> dict[str, int]:
+        return self.engine.stats()
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.engine.start)  # captures the decode graphs (CUDA) before /ready
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.engine.stop)
+
+    def engine_thread(self) -> tuple[int, int]:
+        """(process id, thread id) of the engine thread (benchmarks read its scheduler figures)."""
+        return os.getpid(), self.engine._thread.native_id
+
+    def counters(self) -> dict[str, float]:
+        """The engine's step counters and its thread's CPU seconds (benchmarks read these)."""
+        stats, thread = self.engine.step_stats, self.engine._thread
+        cpu = time.clock_gettime(time.pthread_getcpuclockid(thread.ident)) if thread and thread.is_alive() else 0.0
+        return {"steps": stats.steps, "seconds": stats.seconds, "host_seconds": stats.host_seconds,
+                "cpu_seconds": cpu}

@@ -1,8 +1,10 @@
 """Paged KV-cache bookkeeping: which block holds which tokens, and which blocks can be reused.
 
 Blocks are ``block_size`` token slots in one device pool. A block that a finished request fully
-computed keeps its content and a hash of (previous block's hash, its tokens): a later request whose
-prompt starts with the same tokens reuses it (prefix caching, across turns and across sessions).
+computed keeps its content and a SHA-256 chained over (previous block's digest, its tokens), the first
+block's salted with the request's ``cache_salt``: a later request with the same salt whose prompt starts
+with the same tokens reuses it (prefix caching, across turns and across sessions of one API key; another
+key's salt never matches, so it cannot probe which prompts are cached).
 The last, partial block of a finished request is kept for its session as a *tail*, so the session's
 next turn (or the continuation after a tool result) recomputes nothing it already computed.
 Unreferenced blocks are evicted least recently used first; tails after them. Block 0 is a scratch
@@ -10,6 +12,8 @@ block that padding rows write into and never holds data.
 """
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -22,7 +26,7 @@ SCRATCH_BLOCK = 0
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None
+    hash: bytes | None = None
     token_ids: tuple[int, ...] = ()
 
 
@@ -30,12 +34,23 @@ class Block:
 class Tail:
     block_id: int
     index: int  # position of the block in its sequence
-    parent_hash: int | None
+    parent_hash: bytes | None
     token_ids: tuple[int, ...]
 
 
-def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
-    return hash((parent, token_ids))
+def chain_hash(parent: bytes | None, token_ids: tuple[int, ...], salt: str = "") -> bytes:
+    """SHA-256 of (the previous block's digest, or for a first block the salt; this block's token ids).
+
+    Cryptographic, so nobody can craft two prefixes with one digest (Python's ``hash`` of ints can be
+    collided at will: vLLM's GHSA-rm76-4mrf-v9r8); a hit still compares the block's own tokens."""
+    h = hashlib.sha256()
+    if parent is None:
+        encoded = salt.encode("utf-8", "surrogatepass")
+        h.update(b"\x00" + len(encoded).to_bytes(4, "big") + encoded)
+    else:
+        h.update(b"\x01" + parent)
+    h.update(array("q", token_ids).tobytes())
+    return h.digest()
 
 
 def _common_prefix(a: tuple[int, ...] | list[int], b: list[int]) -> int:
@@ -56,7 +71,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.empty: list[int] = list(range(num_blocks - 1, SCRATCH_BLOCK, -1))  # pop() from the end
         self.cached: OrderedDict[int, None] = OrderedDict()  # free blocks that keep reusable content, LRU first
-        self.hash_to_block: dict[int, int] = {}
+        self.hash_to_block: dict[bytes, int] = {}
         self.tails: OrderedDict[str, Tail] = OrderedDict()  # session -> its partial last block, LRU first
 
     # ---- capacity -------------------------------------------------------------------------------
@@ -84,11 +99,11 @@ class BlockManager:
         bs, tokens = self.block_size, req.tokens
         limit = len(tokens) - 1  # the last token is always computed: its logits are needed
         hits: list[int] = []
-        hashes: list[int] = []
-        parent: int | None = None
+        hashes: list[bytes] = []
+        parent: bytes | None = None
         for i in range(limit // bs):
             chunk = tuple(tokens[i * bs:(i + 1) * bs])
-            h = chain_hash(parent, chunk)
+            h = chain_hash(parent, chunk, req.cache_salt)
             bid = self.hash_to_block.get(h)
             if bid is None or self.blocks[bid].token_ids != chunk:
                 break
@@ -134,10 +149,11 @@ class BlockManager:
     def on_computed(self, req: Request) -> None:
         """Register blocks that ``req`` has just filled completely so that others can reuse them."""
         bs = self.block_size
-        while len(req.block_hashes) < req.num_computed // bs:
+        # (async scheduling: a computed position may hold a token still in flight; it is hashed once known)
+        while len(req.block_hashes) < min(req.num_computed, len(req.tokens)) // bs:
             i = len(req.block_hashes)
             chunk = tuple(req.tokens[i * bs:(i + 1) * bs])
-            h = chain_hash(req.block_hashes[-1] if req.block_hashes else None, chunk)
+            h = chain_hash(req.block_hashes[-1] if req.block_hashes else None, chunk, req.cache_salt)
             req.block_hashes.append(h)
             block = self.blocks[req.block_ids[i]]
             if block.hash is None and h not in self.hash_to_block:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.devices import sm_count
+
 log = logging.getLogger(__name__)
 
 BLOCKSIZE = 64
@@ -161,18 +163,8 @@ class KernelConfig:
 
 
 GEMV_MAX_M = 4
-_SM_COUNT: dict[int, int] = {}
 # (kind, N, K, M) -> config; scripts/bench_nf4.py --tune prints the best per shape to paste here.
 TUNED: dict[tuple[str, int, int, int], KernelConfig] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def pick_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
@@ -186,7 +178,7 @@ def pick_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
     tuned = TUNED.get((kind, n, k, bucket_m))
     if tuned is not None:
         return tuned
-    sms = _sm_count(device)
+    sms = sm_count(device)
     if kind == "gemv":
         block_n, block_k = 16, (256 if k % 256 == 0 else 128 if k % 128 == 0 else 64)
         split = max(1, min(k // block_k, cdiv(8 * sms, cdiv(n, block_n))))
@@ -348,17 +340,41 @@ def self_check(proj: LayerProjections, dtype: torch.dtype, device: torch.device)
     return None
 
 
-def warm_up(proj: LayerProjections, dtype: torch.dtype, device: torch.device) -> int:
-    """Compile every kernel variant the decode batch sizes will need (Triton caches them on disk), so that no
-    request waits for a compile when a batch size first appears. Returns how many calls it made."""
-    from engine.cuda_graphs import batch_buckets
+def kernel_variant(m: int, w: NF4Weight, device: torch.device) -> tuple[KernelConfig, int]:
+    """What Triton compiles a kernel for at ``m`` rows of ``w``: its config and BLOCK_M. M itself is not part of
+    it (the kernels do not specialise on M); N, K and the strides are the weight's, the same on every call."""
+    cfg = pick_config(m, w.n, w.k, device)
+    return cfg, (1 << (m - 1).bit_length() if cfg.block_m == 0 else cfg.block_m)
 
+
+def warm_up(proj: LayerProjections, dtype: torch.dtype, device: torch.device) -> int:
+    """Compile every kernel variant any row count up to ``MAX_KERNEL_ROWS`` needs (decode batches and eager
+    prefill chunks alike; Triton caches them on disk), so that no request waits for a compile. Returns how many
+    calls it made: one per distinct variant per projection."""
     calls = 0
-    for m in (b for b in batch_buckets(MAX_KERNEL_ROWS) if b <= MAX_KERNEL_ROWS):
-        for lin in (proj.qkv, proj.o, proj.gate_up, proj.down):
-            nf4_matmul(torch.zeros(m, lin.weight.k, dtype=dtype, device=device), lin.weight)
-            calls += 1
+    for lin in (proj.qkv, proj.o, proj.gate_up, proj.down):
+        seen = set()
+        for m in range(1, MAX_KERNEL_ROWS + 1):
+            variant = kernel_variant(m, lin.weight, device)
+            if variant not in seen:
+                seen.add(variant)
+                nf4_matmul(torch.zeros(m, lin.weight.k, dtype=dtype, device=device), lin.weight)
+                calls += 1
     return calls
+
+
+def compile_count() -> int:
+    """Kernels Triton has compiled so far in this process (0 under the interpreter, which compiles nothing):
+    a benchmark compares it before and after a timed step to refuse timings that include a compile."""
+    try:
+        from engine import nf4_triton as kern
+    except ImportError:
+        return 0
+    total = 0
+    for fn in (kern.nf4_gemv_kernel, kern.nf4_gemm_kernel):
+        for entry in getattr(fn, "device_caches", {}).values():  # device -> (kernel cache, ...) in Triton 3.x
+            total += len(entry[0])
+    return total
 
 
 def install(paged_model, kernel: str) -> str:

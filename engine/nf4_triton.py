@@ -14,6 +14,9 @@ Even and odd columns are handled as two half-width matrices (high and low nibble
 columns of x, so no interleaving is needed in registers. Small M (GEMV, up to 4 rows in one program, so the
 weight is read once) multiplies-and-reduces on the CUDA cores and applies each 64-block's scale once to its
 partial sum; larger M dequantizes the tile to the activation dtype and uses ``tl.dot`` (tensor cores).
+
+M (the number of rows) is not specialised on (``do_not_specialize``): it only bounds masks, and otherwise every
+M that is not a multiple of 16 would compile a variant of its own on the request path (~0.6 s each).
 """
 from __future__ import annotations
 
@@ -70,7 +73,7 @@ def _store(acc, rows, rn, N, stride_om, omask, out_ptr, bias_ptr, HAS_BIAS: tl.c
     tl.store(out_ptr + rows[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def nf4_gemv_kernel(x_ptr, codes_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, nf4_ptr, bias_ptr, out_ptr,
                     ws_ptr, lock_ptr, M, N, K, stride_xm, stride_om, stride_wn, r1, r2, nb1, nb2,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -124,7 +127,7 @@ def nf4_gemv_kernel(x_ptr, codes_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, n
     _finish(out, rows, rn, M, N, stride_om, pid_n, pid_k, out_ptr, ws_ptr, lock_ptr, bias_ptr, SPLIT_K, HAS_BIAS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def nf4_gemm_kernel(x_ptr, codes_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, nf4_ptr, bias_ptr, out_ptr,
                     ws_ptr, lock_ptr, M, N, K, stride_xm, stride_om, stride_wn, r1, r2, nb1, nb2,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -160,7 +163,9 @@ def nf4_gemm_kernel(x_ptr, codes_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, n
         xmask = mmask[:, None] & kmask[None, :]
         x_even = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * kb[None, :], mask=xmask, other=0.0)
         x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * kb[None, :] + 1, mask=xmask, other=0.0)
-        acc = tl.dot(x_even, tl.trans(w_hi.to(x_even.dtype)), acc)
-        acc = tl.dot(x_odd, tl.trans(w_lo.to(x_odd.dtype)), acc)
+        # ieee: float32 activations stay float32 (the default would round them to TF32 on sm_80+, 1e-2 off the
+        # reference); half-precision operands are unaffected (the same bf16/fp16 MMA either way)
+        acc = tl.dot(x_even, tl.trans(w_hi.to(x_even.dtype)), acc, input_precision="ieee")
+        acc = tl.dot(x_odd, tl.trans(w_lo.to(x_odd.dtype)), acc, input_precision="ieee")
     _finish(acc, rm, rn, M, N, stride_om, pid_m * tl.num_programs(0) + pid_n, pid_k, out_ptr, ws_ptr, lock_ptr,
             bias_ptr, SPLIT_K, HAS_BIAS)

@@ -35,6 +35,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
+    grammar: Any = None  # engine.structured.Grammar: each step's tokens are masked to what it allows
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -100,11 +101,14 @@ class Request:
     num_computed: int = 0
     cached_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # chain hashes of the full blocks computed so far
+    block_hashes: list[bytes] = field(default_factory=list)  # chain hashes of the full blocks computed so far
     row: int = -1  # index into per-sequence device buffers while running
     queued: bool = True  # submitted and not yet admitted once (counts against the queue bound)
-    generator: Any = None  # torch.Generator of a seeded request, kept across preemption
+    noise_seed: int | None = None  # the sampler's seed (params.seed or drawn at admission), kept across preemption
     max_tokens: int = 0  # hard cap on len(tokens): prompt + new tokens, bounded by the context
+    in_flight: int = 0  # tokens sampled by a step still running on the device (async scheduling): 0 or 1
+    matcher: Any = None  # engine.structured.RowMatcher of a request with a grammar: where its output is in it
+    cache_salt: str = ""  # prefix-cache blocks are shared only between requests with the same salt (the API key)
 
     def __post_init__(self) -> None:
         if not self.tokens:
@@ -116,16 +120,24 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.tokens)
+        """Tokens of the sequence, the one still being sampled on the device included (async scheduling)."""
+        return len(self.tokens) + self.in_flight
 
     @property
     def num_output_tokens(self) -> int:
+        """Tokens generated so far (known: a token in flight is not counted until it arrives)."""
         return len(self.tokens) - len(self.prompt_ids)
 
     @property
+    def at_limit(self) -> bool:
+        """Its token in flight will be its last by length: no further step is scheduled for it."""
+        return (self.num_tokens - len(self.prompt_ids) >= self.params.max_new_tokens
+                or self.num_tokens >= self.max_tokens)
+
+    @property
     def num_pending(self) -> int:
-        """Tokens whose KV still has to be computed (1 for a sequence in decode)."""
-        return len(self.tokens) - self.num_computed
+        """Tokens whose KV still has to be computed (1 for a sequence in decode, its token perhaps in flight)."""
+        return self.num_tokens - self.num_computed
 
     @property
     def output_ids(self) -> list[int]:

@@ -7,6 +7,9 @@ Library use::
         async for event in session.generate(message="Weather in London?"):
             ...                                                       # TextChunk, ToolCalls, FinalText, Error, End
 
+A session whose socket drops reconnects by itself (``Client(reconnect_s=...)``) with ``?resume_from=<last seq>``:
+the server sends what was missed, then the live stream goes on; requests still unanswered are sent again.
+
 The terminal chat: ``inference-chat --url http://localhost:8000 [--tools tools.json]`` once installed
 (``pip install -e .`` in the repository), or ``python -m inference_client`` from the repository root.
 Only ``websockets`` and the standard library are used.

@@ -7,7 +7,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from .events import ApiError
@@ -18,14 +18,16 @@ from .tools import Tool, ToolsArg, as_tools
 class Client:
     """Talks to one server. ``url``: ``http(s)://host:port`` (or ``host:port``); ``api_key`` is sent as
     ``Authorization: Bearer`` on every HTTP request and WebSocket handshake. ``timeout``: seconds to wait for
-    any one response."""
+    any one response. ``reconnect_s``: how long a session whose socket dropped keeps trying to resume (0: never)."""
 
-    def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 60.0,
+                 reconnect_s: float = 60.0) -> None:
         url = url if "://" in url else f"http://{url}"
         self.url = url.rstrip("/").replace("ws://", "http://", 1).replace("wss://", "https://", 1)
         self.ws_url = self.url.replace("http", "ws", 1)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
+        self.reconnect_s = reconnect_s
         self.sessions: list[Session] = []
 
     async def create_session(self, tools: ToolsArg = None) -> Session:
@@ -67,14 +69,19 @@ class Client:
         except urllib.error.HTTPError as exc:
             raise ApiError.from_body(exc.code, str(exc.reason), exc.read().decode(errors="replace")) from None
 
+    async def _open(self, session_id: str, resume_from: int | None = None) -> ClientConnection:
+        query = "" if resume_from is None else f"?resume_from={resume_from}"
+        return await connect(f"{self.ws_url}/ws/{session_id}{query}", additional_headers=self.headers,
+                             max_size=None, compression=None, open_timeout=self.timeout)
+
     async def _connect(self, session_id: str, tools: list[Tool]) -> Session:
         try:
-            ws = await connect(f"{self.ws_url}/ws/{session_id}", additional_headers=self.headers, max_size=None,
-                               compression=None, open_timeout=self.timeout)
+            ws = await self._open(session_id)
         except InvalidStatus as exc:
             response = exc.response
             raise ApiError.from_body(response.status_code, response.reason_phrase,
                                      (response.body or b"").decode(errors="replace")) from None
-        session = Session(session_id, ws, tools, self.timeout)
+        session = Session(session_id, ws, tools, self.timeout,
+                          lambda seq: self._open(session_id, seq), self.reconnect_s)
         self.sessions.append(session)
         return session

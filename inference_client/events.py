@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# Error codes the client acts on (the README's table): a generate refused because a task runs, a task the
+# server no longer knows, tool results it no longer waits for, and a task whose outcome a dropped socket lost.
+SESSION_BUSY, UNKNOWN_TASK, NOT_AWAITING, TASK_LOST = -32001, -32003, -32007, -32011
+
+
 class RpcError(Exception):
     """A JSON-RPC error response (``code`` as in the README's table)."""
 

@@ -1,18 +1,18 @@
-"""A session over its WebSocket: one reader task routes responses to their requests and notifications to
-their task's ``Generation``; registered tool handlers answer calls as they arrive."""
+"""A session over its WebSocket (a ``Link``, which resumes after a drop): notifications go to their task's
+``Generation``; registered tool handlers answer calls as they arrive, and a call the server asks again after a
+resume gets the same answer."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
-import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed
 
-from .events import ClientClosed, End, Error, Event, FinalText, RpcError, TextChunk, ToolCall, ToolCalls
+from .events import (NOT_AWAITING, SESSION_BUSY, TASK_LOST, UNKNOWN_TASK, ClientClosed, End, Error, Event,
+                     FinalText, RpcError, TextChunk, ToolCall, ToolCalls)
+from .link import Link, Pending
 from .tools import Tool, ToolsArg, as_tools
 
 _CLOSED = object()  # put into every event queue when the socket closes
@@ -35,6 +35,7 @@ class Generation:
         if self.task_id is None:
             result = await self.session.call("generate", self.params)
             self.task_id = result["task_id"]
+            self.session._claimed.add(self.task_id)
             self._queue = self.session._queue_for(self.task_id)
         return self
 
@@ -75,6 +76,7 @@ class Generation:
         if method == "end":
             self._done = True
             self.session._queues.pop(self.task_id, None)
+            self.session._answers.clear()
             self.finish_reason, self.usage = p["finish_reason"], p.get("usage") or {}
             return End(self.finish_reason, self.usage)
         return None  # a notification this client does not know: skipped
@@ -83,16 +85,32 @@ class Generation:
 class Session:
     """A server session over its WebSocket. Make one with ``Client.create_session`` or ``Client.attach``."""
 
-    def __init__(self, session_id: str, ws: ClientConnection, tools: list[Tool], timeout: float) -> None:
+    def __init__(self, session_id: str, ws: ClientConnection, tools: list[Tool], timeout: float,
+                 reopen: Callable[[int], Awaitable[ClientConnection]] | None = None, reconnect_s: float = 0.0) -> None:
         self.session_id, self.timeout = session_id, timeout
         self.tools: dict[str, Tool] = {t.name: t for t in tools}
-        self._ws = ws
         self._override = False  # tools were added after creation: send them with each generate
-        self._next_id = 0
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._queues: dict[str, asyncio.Queue[Any]] = {}
-        self.closed = False  # the socket closed (by either side)
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        self._claimed: set[str] = set()  # task ids a Generation of ours owns
+        self._ended: set[str] = set()  # ...and those whose end has arrived
+        self._answers: dict[str, dict[str, Any]] = {}  # call_id -> the reply sent (a resent request reuses it)
+        # ``reopen(last_seq)`` opens a new socket with ?resume_from=; tried for ``reconnect_s`` after a drop
+        self._link = Link(ws, self, timeout, reopen, reconnect_s)
+
+    @property
+    def closed(self) -> bool:
+        """The session's socket is gone for good (closed by us, or reconnecting failed)."""
+        return self._link.closed
+
+    @property
+    def reconnects(self) -> int:
+        """How many times a dropped socket was reopened and resumed."""
+        return self._link.reconnects
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last notification received (where a resumed socket starts)."""
+        return self._link.last_seq
 
     def tool(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """Register ``fn`` as the handler of the tool of its name (a decorator). A tool the session was not
@@ -144,29 +162,15 @@ class Session:
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         """Send one JSON-RPC request and return its result; an error response raises RpcError."""
-        if self.closed:
-            raise ClientClosed("the session's socket is closed")
-        self._next_id += 1
-        rid, future = self._next_id, asyncio.get_running_loop().create_future()
-        self._pending[rid] = future
-        try:
-            await self._ws.send(json.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params or {}},
-                                           default=str))
-            reply = await asyncio.wait_for(future, self.timeout)
-        except ConnectionClosed as exc:
-            raise ClientClosed(f"the socket closed: {exc}") from None
-        finally:
-            self._pending.pop(rid, None)
+        reply = await self._link.request(method, params)
         if "error" in reply:
-            e = reply["error"]
+            e = reply["error"] if isinstance(reply["error"], dict) else {"message": str(reply["error"])}
             raise RpcError(e.get("code", 0), e.get("message", ""), e.get("data"))
         return reply.get("result")
 
     async def close(self) -> None:
         """Close the socket (the server cancels a running task; the session itself stays, see ``attach``)."""
-        await self._ws.close()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        await self._link.close()
 
     def _queue_for(self, task_id: str) -> asyncio.Queue[Any]:
         queue = self._queues.setdefault(task_id, asyncio.Queue())
@@ -174,32 +178,49 @@ class Session:
             queue.put_nowait(_CLOSED)
         return queue
 
-    async def _read(self) -> None:
-        try:
-            async for raw in self._ws:
-                with contextlib.suppress(ValueError):  # not JSON: nothing to route it to
-                    message = json.loads(raw)
-                    for item in message if isinstance(message, list) else [message]:
-                        self._route(item)
-        except ConnectionClosed:
-            pass
-        finally:
-            self.closed = True
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(ClientClosed("the socket closed before the response came"))
-            for queue in self._queues.values():
-                queue.put_nowait(_CLOSED)
+    # ---- what the link reports (LinkOwner) ----------------------------------------------------------------------
+    def on_notification(self, method: str, params: dict[str, Any]) -> None:
+        """A notification: to its task's events."""
+        task_id = params.get("task_id")
+        if isinstance(task_id, str):
+            if method == "end":
+                self._ended.add(task_id)
+            self._queue_for(task_id).put_nowait({"method": method, "params": params})
 
-    def _route(self, message: Any) -> None:
-        if not isinstance(message, dict):
-            return
-        if "method" in message:  # a notification: to its task's events
-            task_id = (message.get("params") or {}).get("task_id")
-            if task_id is not None:
-                self._queue_for(task_id).put_nowait(message)
-        elif (future := self._pending.get(message.get("id"))) is not None and not future.done():
-            future.set_result(message)
+    def on_resumed(self, info: dict[str, Any]) -> None:
+        """A task of ours that the replay does not name ended while we were away, and its end was not kept: it
+        ends here with TASK_LOST."""
+        for task_id in self._claimed - self._ended:
+            if info and info.get("task_id") != task_id:
+                queue = self._queue_for(task_id)
+                queue.put_nowait({"method": "error", "params": {"task_id": task_id, "error": {
+                    "code": TASK_LOST, "message": "the task is no longer running and its outcome was lost with the "
+                    "socket; the conversation holds whatever it completed"}}})
+                queue.put_nowait({"method": "end", "params": {"task_id": task_id, "finish_reason": "error"}})
+                self._ended.add(task_id)
+
+    def settled_by_replay(self, pending: Pending, info: dict[str, Any]) -> dict[str, Any] | None:
+        """A ``generate`` whose task the replay shows (named by ``resumed``, or one whose notifications came and
+        no Generation claims) did start: it is that task, not sent again."""
+        if pending.method != "generate":
+            return None
+        task_id = info.get("task_id") or next((t for t in self._queues if t not in self._claimed), None)
+        return {"result": {"status": "processing", "task_id": task_id}} if task_id is not None else None
+
+    def on_response(self, pending: Pending, message: dict[str, Any]) -> dict[str, Any]:
+        """A resent ``generate`` answered "session busy" with a task no Generation claims: the original got
+        through before the drop, and that task is its."""
+        error = message.get("error")
+        if pending.resent and pending.method == "generate" and isinstance(error, dict) \
+                and error.get("code") == SESSION_BUSY and isinstance(error.get("data"), dict):
+            task_id = error["data"].get("task_id")
+            if isinstance(task_id, str) and task_id not in self._claimed:
+                return {"result": {"status": "processing", "task_id": task_id}}
+        return message
+
+    def on_closed(self) -> None:
+        for queue in self._queues.values():
+            queue.put_nowait(_CLOSED)
 
     async def _answer(self, task_id: str, calls: list[ToolCall]) -> None:
         """Run the registered handlers of ``calls`` (concurrently; sync ones in threads) and send one
@@ -207,11 +228,18 @@ class Session:
         handled = [c for c in calls if (t := self.tools.get(c.tool)) is not None and t.handler is not None]
         if not handled:
             return
-        await asyncio.gather(*(self._run(self.tools[c.tool].handler, c) for c in handled))
+        fresh = [c for c in handled if c.call_id not in self._answers]  # a resent request: answered already
+        await asyncio.gather(*(self._run(self.tools[c.tool].handler, c) for c in fresh))
+        for call in handled:
+            if call in fresh:
+                self._answers[call.call_id] = call.reply(call.result, call.error)
+            else:
+                reply = self._answers[call.call_id]
+                call.result, call.error, call.answered = reply.get("result"), reply.get("error_message"), True
         try:
-            await self.tool_result(task_id, [c.reply(c.result, c.error) for c in handled])
+            await self.tool_result(task_id, [self._answers[c.call_id] for c in handled])
         except RpcError as exc:
-            if exc.code not in (-32003, -32007):  # -32003/-32007: the task ended meanwhile (e.g. cancelled)
+            if exc.code not in (UNKNOWN_TASK, NOT_AWAITING):  # the task ended meanwhile, or had them already
                 raise
 
     @staticmethod

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import threading
@@ -83,7 +82,8 @@ def quantize_nf4(model: torch.nn.Module, compute_dtype: torch.dtype, device: str
     return count
 
 
-def build_random(size: str, device: str, nf4: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
+def build_random(size: str, device: str, nf4: bool,
+                 interpreted: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
@@ -94,7 +94,7 @@ def build_random(size: str, device: str, nf4: bool) -> tuple[torch.nn.Module, di
     from shared import cpu_dtype
 
     dtype = torch.bfloat16 if device == "cuda" else getattr(torch, cpu_dtype())
-    if nf4 and device == "cpu":  # the CPU dry run: Triton's interpreter gets bfloat16 tl.dot wrong
+    if (nf4 or interpreted) and device == "cpu":  # the CPU dry run: Triton's interpreter gets bfloat16 tl.dot wrong
         dtype = torch.float32
     started = time.perf_counter()
     with torch.device(device):
@@ -175,8 +175,22 @@ class Stream:
             self.done.set()
 
 
+def compile_events(engine: Engine) -> int:
+    """Triton compiles and CUDA-graph captures so far: a timed run that adds to them timed a compile too."""
+    from engine import attention, nf4
+
+    graphs = engine.runner.graphs
+    return nf4.compile_count() + attention.compile_count() + len(getattr(graphs, "graphs", None) or {})
+
+
+class CompiledWhileTimed(RuntimeError):
+    """A timed run compiled a kernel or captured a graph: its figures would measure that, not serving."""
+
+
 def run_streams(engine: Engine, n: int, prompts: list[list[int]], new: int, session: str | None = None,
-                timeout: float = 900) -> dict[str, Any]:
+                timeout: float = 900, timed: bool = True) -> dict[str, Any]:
+    """Run ``n`` streams at once; raises CompiledWhileTimed when ``timed`` and a compile happened meanwhile."""
+    compiled_before = compile_events(engine)
     streams = [Stream() for _ in range(n)]
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
     started = time.perf_counter()
@@ -190,6 +204,9 @@ def run_streams(engine: Engine, n: int, prompts: list[list[int]], new: int, sess
     bad = [s.final.error or s.final.finish_reason.value for s in streams if len(s.times) != new]
     if bad:
         raise RuntimeError(f"streams ended early: {bad[:3]}")
+    compiled = compile_events(engine) - compiled_before
+    if timed and compiled:
+        raise CompiledWhileTimed(f"{compiled} kernel compile(s) or graph capture(s) during a timed run")
     ttfts = [s.times[0] - s.submitted for s in streams]
     tpots = [(s.times[-1] - s.times[0]) / max(1, new - 1) for s in streams]
     return {"streams": n, "ttft_p50_ms": ms(pct(ttfts, 50)), "ttft_p99_ms": ms(pct(ttfts, 99)),
@@ -200,17 +217,25 @@ def run_streams(engine: Engine, n: int, prompts: list[list[int]], new: int, sess
 
 
 def followup(engine: Engine, context: int, new: int, vocab: int) -> dict[str, Any]:
-    """A 50-token follow-up turn on a long session: warm (the session's KV reused) vs cold (recomputed)."""
-    first = random_prompt(context, vocab, 7)
-    turn1 = Stream()
-    engine.submit(first, SamplingParams(max_new_tokens=16, ignore_eos=True), turn1, session_key="bench-session")
-    turn1.done.wait(600)
-    history = first + turn1.tokens  # what the conversation holds after the first turn
-    follow = history + random_prompt(new, vocab, 8)
-    warm = run_streams(engine, 1, [follow], 8, session="bench-session")
-    cold_prompt = random_prompt(len(follow), vocab, 9)  # same length, nothing cached
-    cold = run_streams(engine, 1, [cold_prompt], 8)
-    return {"context_tokens": len(follow), "new_tokens": new, "ttft_warm_ms": warm["ttft_p50_ms"],
+    """A 50-token follow-up turn on a long session: warm (the session's KV reused) vs cold (recomputed).
+
+    The whole measurement runs once untimed first, on other tokens and another session, so that the timed one
+    compiles nothing (a warm follow-up prefills an odd number of rows; its kernels must already exist)."""
+
+    def measure(seed: int, session: str, timed: bool) -> tuple[dict[str, Any], dict[str, Any], int]:
+        first = random_prompt(context, vocab, seed)
+        turn1 = Stream()
+        engine.submit(first, SamplingParams(max_new_tokens=16, ignore_eos=True), turn1, session_key=session)
+        turn1.done.wait(600)
+        history = first + turn1.tokens  # what the conversation holds after the first turn
+        follow = history + random_prompt(new, vocab, seed + 1)
+        warm = run_streams(engine, 1, [follow], 8, session=session, timed=timed)
+        cold_prompt = random_prompt(len(follow), vocab, seed + 2)  # same length, nothing cached
+        return warm, run_streams(engine, 1, [cold_prompt], 8, timed=timed), len(follow)
+
+    measure(17, "bench-warm-up-session", timed=False)
+    warm, cold, length = measure(7, "bench-session", timed=True)
+    return {"context_tokens": length, "new_tokens": new, "ttft_warm_ms": warm["ttft_p50_ms"],
             "ttft_cold_ms": cold["ttft_p50_ms"], "cached_tokens_warm": warm["cached_tokens"][0],
             "speedup": round(cold["ttft_p50_ms"] / max(1e-6, warm["ttft_p50_ms"]), 2)}
 
@@ -219,7 +244,8 @@ def make_engine(model: PagedQwen2, streams: list[int], max_context: int, graphs:
                 kv_tokens: int) -> Engine:
     config = EngineConfig(max_running=max(streams), max_context=max_context, block_size=64,
                           kv_cache_bytes=kv_tokens * model.kv_bytes_per_token(), prefill_chunk=prefill,
-                          max_queue=4 * max(streams) + 16, cuda_graphs=graphs)
+                          max_queue=4 * max(streams) + 16, cuda_graphs=graphs,
+                          async_scheduling=torch.cuda.is_available())  # what the server runs (auto)
     engine = Engine(model, config)
     engine.start()
     return engine
@@ -236,7 +262,7 @@ def engine_section(paged: PagedQwen2, args: argparse.Namespace, seed: dict[str, 
         for n in args.streams:
             log(f"engine: {n} streams x ({args.prompt_len} prompt + {args.new_tokens} new), warm-up then measured")
             run_streams(engine, n, [random_prompt(args.prompt_len, vocab, 50_000 + i) for i in range(n)],
-                        args.new_tokens)  # captures this batch size's graphs; its prompts are not reused below
+                        args.new_tokens, timed=False)  # compiles what this batch size needs; prompts not reused
             result = run_streams(engine, n, [random_prompt(args.prompt_len, vocab, 60_000 + 100 * n + i)
                                              for i in range(n)], args.new_tokens)
             if seed is not None:
@@ -259,105 +285,20 @@ def engine_section(paged: PagedQwen2, args: argparse.Namespace, seed: dict[str, 
 
 
 # ---- the whole server path ------------------------------------------------------------------------------------
-def server_section(hf_model: torch.nn.Module, paged: PagedQwen2, args: argparse.Namespace, loaded: Any) -> dict:
-    """The same streams over real WebSockets vs straight into the same server's engine."""
-    import importlib.util
-    import subprocess
-    import tempfile
+def load_bench_server() -> Any:
+    """scripts/bench_server.py, importable by name (the engine process unpickles its loader from there)."""
+    import importlib
 
-    import uvicorn
-
-    from server_starlette import UVICORN_WS, create_app
-    from shared import GenerationDefaults, LoadedModel, Settings
-
-    if loaded is None:  # random weights: a tokenizer trained here, sampling restricted to its vocabulary
-        spec = importlib.util.spec_from_file_location("mtm", Path(__file__).with_name("make_tiny_model.py"))
-        mtm = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mtm)
-        tmp = Path(tempfile.mkdtemp())
-        mtm.save_tokenizer(mtm.train_tokenizer(1024), tmp, model_max_length=32768)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tmp)
-        paged.vocab_size = min(paged.vocab_size, len(tokenizer))
-        loaded = LoadedModel(hf_model, tokenizer, paged, GenerationDefaults(), frozenset(), "bench", 32768)
-    else:
-        loaded = LoadedModel(loaded.hf_model, loaded.tokenizer, paged, GenerationDefaults(), frozenset(),
-                             loaded.name, loaded.max_position_embeddings)
-    n, new = args.server_streams, args.new_tokens
-    kv_gb = n * (args.prompt_len * 2 + new + 512) * paged.kv_bytes_per_token() / 2**30
-    settings = Settings(model_id="bench", max_batch=n, kv_cache_gb=max(kv_gb, 0.01), kv_block_size=64,
-                        max_context=args.prompt_len * 2 + new + 512, log_file=os.devnull, log_level="WARNING",
-                        cuda_graphs="off" if args.no_graphs else "on", prefill_chunk=args.prefill_chunk)
-    app = create_app(settings, loader=lambda s: loaded)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on",
-                                           **UVICORN_WS))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    base = f"127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    tok = loaded.tokenizer
-    texts = [tok.decode(random_prompt(args.prompt_len, len(tok) - 30, 70_000 + i)) for i in range(n)]
-
-    try:
-        engine = app.state.runtime.engine.engine
-        prompts = [tok.encode(t) for t in texts]
-        run_streams(engine, n, prompts, new)  # warm-up (graphs for this batch size)
-        direct = run_streams(engine, n, [p[:-1] + [p[-1]] for p in prompts], new)
-        # the clients run in their own process, as real clients do (not competing for this one's GIL)
-        texts_file = Path(tempfile.mkdtemp()) / "texts.json"
-        texts_file.write_text(json.dumps(texts))
-        command = [sys.executable, __file__, "--ws-client", f"http://{base}", "--texts", str(texts_file),
-                   "--new-tokens", str(new)]
-        def clients() -> list[dict[str, float]]:
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"WebSocket clients failed: {done.stderr[-800:]}")
-            return json.loads(done.stdout)
-
-        clients()  # warm-up of the socket path
-        results = clients()
-        ws_tpot = pct([r["tpot"] for r in results], 50)
-        return {"streams": n, "ws_ttft_p50_ms": ms(pct([r["ttft"] for r in results], 50)),
-                "ws_tpot_p50_ms": ms(ws_tpot), "engine_tpot_p50_ms": direct["tpot_p50_ms"],
-                "transport_overhead_pct": round((ws_tpot * 1000 / direct["tpot_p50_ms"] - 1) * 100, 2),
-                "client": "separate process, one WebSocket per stream"}
-    finally:
-        server.should_exit = True
-        thread.join(60)
+    scripts = str(Path(__file__).resolve().parent)
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    return importlib.import_module("bench_server")
 
 
-def ws_client(base_url: str, texts: list[str], new: int) -> list[dict[str, float]]:
-    """One session and socket per text, all at once: TTFT and time per output token as a client sees them."""
-    import asyncio
-    import urllib.request
-
-    from websockets.asyncio.client import connect
-
-    async def one(text: str) -> dict[str, float]:
-        req = urllib.request.Request(f"{base_url}/create_session", data=b"{}", method="POST",
-                                     headers={"Content-Type": "application/json"})
-        sid = json.load(urllib.request.urlopen(req))["session_id"]
-        async with connect(base_url.replace("http", "ws", 1) + f"/ws/{sid}", max_size=None) as ws:
-            sent = time.perf_counter()
-            await ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "generate", "params": {
-                "history": [{"role": "user", "content": text}], "max_new_tokens": new, "do_sample": False}}))
-            first = last = 0.0
-            async for raw in ws:
-                msg = json.loads(raw)
-                if msg.get("method") == "text_chunk":
-                    last = time.perf_counter()
-                    first = first or last
-                elif msg.get("method") == "end":
-                    count = msg["params"]["usage"]["completion_tokens"]
-                    return {"ttft": first - sent, "tpot": (last - first) / max(1, count - 1)}
-        raise RuntimeError("no end notification")
-
-    async def all_streams() -> list[dict[str, float]]:
-        return list(await asyncio.gather(*(one(t) for t in texts)))
-
-    return asyncio.run(all_streams())
+def server_section(hf_model: torch.nn.Module | None, paged: PagedQwen2 | None, args: argparse.Namespace,
+                   loaded: Any) -> dict:
+    """The token path through the real server (scripts/bench_server.py)."""
+    return load_bench_server().server_section(hf_model, paged, args, loaded, random_prompt, log, SHAPES, __file__)
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
@@ -380,9 +321,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="NF4 models: measure bitsandbytes' kernels, ours (fused Triton), or both in the same run")
     p.add_argument("--nf4-on-cpu", action="store_true", help="dry run of the NF4 paths on the CPU (random weights; "
                    "with TRITON_INTERPRET=1 for ours)")
-    p.add_argument("--server", action="store_true", help="also measure the whole server path over WebSockets")
-    p.add_argument("--server-streams", type=int, default=8)
+    p.add_argument("--server", action="store_true", help="also measure the whole server path over WebSockets: "
+                   "event-loop CPU per token, the engine's host time per step with and without streaming, inter-token "
+                   "latency end to end vs the engine's own (scripts/bench_server.py)")
+    p.add_argument("--server-streams", default="1,8,32,64", help="comma-separated stream counts of --server")
+    p.add_argument("--server-only", action="store_true", help="run only --server (with --engine-process on and "
+                   "random weights the model is built in the engine process only)")
+    p.add_argument("--pin", action="store_true", help="--server: the engine's threads on CPU 1, the rest on CPU 0 "
+                   "(a 2-core machine: both placements on the same CPUs, so only the interpreter lock differs)")
+    p.add_argument("--engine-process", choices=["on", "off", "both"], default="on", help="--server: the engine in "
+                   "its own process (the server's default), on a thread of the server's, or both in one run")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--context-sweep", action="store_true", help="Engine II: decode over batch x context for paged "
+                   "and reference attention, and inter-token latency while prompts arrive (mixed vs alternating); "
+                   "runs only this section")
+    p.add_argument("--sweep-batches", default=None, help="comma-separated (default 1,8,32)")
+    p.add_argument("--sweep-contexts", default=None, help="comma-separated (default 1024,8192,32768)")
+    p.add_argument("--sweep-steps", type=int, default=16, help="timed decode steps per point")
+    p.add_argument("--attention-modes", default=None, help="comma-separated, e.g. paged,reference (default: both "
+                   "where the kernels run compiled, else reference)")
+    p.add_argument("--itl-streams", type=int, default=16)
+    p.add_argument("--itl-prompts", type=int, default=4)
+    p.add_argument("--itl-prompt-len", type=int, default=8192)
+    p.add_argument("--itl-context", type=int, default=1024, help="context of the running streams")
+    p.add_argument("--max-step-tokens", type=int, default=128, help="the engine's step budget while sequences decode")
+    p.add_argument("--itl-step-tokens", default=None, help="comma-separated budgets of the mixed-steps latency "
+                   "runs (default 128,512)")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--ws-client", help=argparse.SUPPRESS)  # internal: run the WebSocket clients against this URL
     p.add_argument("--texts", help=argparse.SUPPRESS)
@@ -390,6 +354,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     args.size = args.size or ("14b" if cuda else "tiny")
     args.streams = [int(s) for s in (args.streams or ("1,8,32,64" if cuda else "1,8")).split(",")]
+    args.server_streams = [int(s) for s in str(args.server_streams).split(",")]
+    args.sweep_batches = [int(s) for s in (args.sweep_batches or "1,8,32").split(",")]
+    args.sweep_contexts = [int(s) for s in (args.sweep_contexts or "1024,8192,32768").split(",")]
+    args.attention_modes = args.attention_modes.split(",") if args.attention_modes else None
+    args.itl_step_tokens = [int(s) for s in (args.itl_step_tokens or "128,512").split(",")]
     return args
 
 
@@ -413,7 +382,8 @@ def nf4_kernels(paged: PagedQwen2, args: argparse.Namespace, nf4_model: bool, ou
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.ws_client:
-        results = ws_client(args.ws_client, json.loads(Path(args.texts).read_text()), args.new_tokens)
+        results = load_bench_server().ws_client(args.ws_client, json.loads(Path(args.texts).read_text()),
+                                                args.new_tokens)
         print(json.dumps(results))
         return {}
     if args.threads:
@@ -421,11 +391,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if cuda else f"cpu ({torch.get_num_threads()} threads)"
     out: dict[str, Any] = {"device": device, "torch": torch.__version__, "args": dict(vars(args)), "errors": {}}
+    if args.server_only and args.engine_process == "on" and not args.model:  # the model is built there only
+        out["model"] = {"source": f"random weights, {args.size} shape, built in the engine process"}
+        try:
+            out["server"] = server_section(None, None, args, None)
+        except Exception as exc:
+            out["errors"]["server"] = f"{type(exc).__name__}: {exc}"[:500]
+            log(f"server failed:\n{traceback.format_exc()}")
+        return finish(args, out)
     loaded = None
     if args.model:
         hf_model, info, loaded = load_checkpoint(args.model)
     else:
-        hf_model, info = build_random(args.size, "cuda" if cuda else "cpu", nf4=cuda or args.nf4_on_cpu)
+        hf_model, info = build_random(args.size, "cuda" if cuda else "cpu", nf4=cuda or args.nf4_on_cpu,
+                                      interpreted="paged" in (args.attention_modes or ()))
     out["model"] = info
     if cuda:
         out["gpu_memory_weights_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
@@ -440,6 +419,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log(f"{name} failed:\n{traceback.format_exc()}")
             return None
 
+    if args.context_sweep:
+        section("context_sweep", lambda: sweep(paged, hf_model, args, out, section))
+        return finish(args, out)
     seed = None
     if args.baseline_requests:
         log(f"seed design: model.generate, {args.baseline_requests} requests, serially")
@@ -466,7 +448,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.server:
         log(f"server path: {args.server_streams} streams over WebSockets")
         out["server"] = section("server", lambda: server_section(hf_model, paged, args, loaded))
-    if cuda:
+    return finish(args, out)
+
+
+def sweep(paged: PagedQwen2, hf_model: torch.nn.Module, args: argparse.Namespace, out: dict[str, Any],
+          section: Any) -> None:
+    """``--context-sweep`` (scripts/bench_context.py), with the NF4 kernels the server would pick."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_context", Path(__file__).with_name("bench_context.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if torch.cuda.is_available() or args.nf4_on_cpu:
+        args.nf4_kernel = "triton"
+        nf4_kernels(paged, args, True, out)
+    def save(partial: dict[str, Any]) -> None:  # a step stopped at its time limit still leaves what finished
+        out["context_sweep"] = partial
+        if args.out:
+            Path(args.out).write_text(json.dumps(out, indent=1))
+
+    module.context_sweep(paged, hf_model, args, lambda e: compile_events(e), section, log, save)
+
+
+def finish(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
+    """Print the JSON (and write it to --out)."""
+    if torch.cuda.is_available():
         out["gpu_memory_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     text = json.dumps(out, indent=1)
     print(text, flush=True)

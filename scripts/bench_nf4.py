@@ -439,7 +439,7 @@ def environment(cuda: bool) -> dict[str, Any]:
                    l2_mib=round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
                    memory_gib=round(props.total_memory / 2**30, 1), capability=list(torch.cuda.get_device_capability()))
     else:
-        env.update(device=f"cpu ({torch.get_num_threads()} threads)", sm_count=nf4._sm_count(torch.device("cpu")))
+        env.update(device=f"cpu ({torch.get_num_threads()} threads)", sm_count=nf4.sm_count(torch.device("cpu")))
     return env
 
 

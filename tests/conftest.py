@@ -29,6 +29,16 @@ def _load_make_tiny_model():
     return sys.modules[name]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _working_directory(tmp_path_factory: pytest.TempPathFactory):
+    """Tests run in a scratch directory: a server's default files (the SQLite session store, sessions.db) and a
+    developer's .env stay out of the checkout."""
+    previous = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """A saved tiny Qwen2.5-style model (random weights, real tokenizer layout and chat template)."""
@@ -47,3 +57,22 @@ def tiny_hf_model(tiny_model_dir: pathlib.Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def grammar_tokenizer(tiny_tokenizer, tiny_model_dir: pathlib.Path):
+    """The tiny tokenizer as the grammar engine sees it (masks as wide as the tiny model's logits)."""
+    import json
+
+    from engine.structured import GrammarTokenizer
+
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    stops = [tiny_tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    return GrammarTokenizer(tiny_tokenizer, config["vocab_size"], stops)
+
+
+@pytest.fixture(scope="session")
+def grammar_compiler(grammar_tokenizer):
+    from grammars import GrammarCompiler
+
+    return GrammarCompiler(grammar_tokenizer)

@@ -62,20 +62,24 @@ class ScriptedModel:
             self._by_block[current_block] = known
         return known
 
-    def forward(self, input_ids, positions, slot_mapping, block_table, block_size):
+    def forward(self, input_ids, positions, meta):
         self.forward_calls += 1
         if self.fail_next.is_set():
             self.fail_next.clear()
             raise RuntimeError("CUDA out of memory (injected by the test)")
         if self.step_delay:
             time.sleep(self.step_delay)
-        self.cache[slot_mapping.reshape(-1)] = input_ids.reshape(-1)
-        logits = torch.full((input_ids.shape[0], self.vocab_size), -1e4)
-        for row in range(input_ids.shape[0]):
-            last = int(positions[row, -1])
-            slots = (block_table[row].unsqueeze(1) * block_size + torch.arange(block_size)).reshape(-1)
+        self.cache[meta.slot_mapping] = input_ids
+        bs = meta.block_size
+        starts = meta.query_start.tolist()
+        logits = torch.full((len(meta.logits_indices), self.vocab_size), -1e4)
+        for out_row, token_index in enumerate(meta.logits_indices.tolist()):
+            seq = max(i for i in range(len(starts) - 1) if starts[i] <= token_index)
+            last = int(positions[token_index])
+            table = meta.block_table[int(meta.block_rows[seq])]
+            slots = (table.unsqueeze(1) * bs + torch.arange(bs)).reshape(-1)
             history = self.cache[slots[:last + 1]].tolist()
-            prompt, reply = self._sequence(history, int(block_table[row, last // block_size]))
+            prompt, reply = self._sequence(history, int(table[last // bs]))
             done = len(history) - len(prompt)
-            logits[row, reply[done] if done < len(reply) else self.im_end] = 1e4
+            logits[out_row, reply[done] if done < len(reply) else self.im_end] = 1e4
         return logits

@@ -290,15 +290,15 @@ def test_two_sessions_at_once(server):
 
 
 def test_a_socket_closed_by_the_server_ends_every_wait(server):
+    """Without reconnecting (reconnect_s=0), a closed socket ends every wait."""
     rt = server.state.runtime
 
     async def go():
-        async with Client(server.url, timeout=10) as client:
+        async with Client(server.url, timeout=10, reconnect_s=0) as client:
             session = await client.create_session()
             gen = session.generate("tell me a long story", max_new_tokens=1000)
             await gen.__anext__()
-            emitter = rt.sessions.get(session.session_id).emitter
-            [conn] = [c for c in list(rt.connections) if c.send == emitter]
+            conn = rt.sessions.get(session.session_id).connection
             server.server.loop.call_soon_threadsafe(conn.close, 1001, "going away")
             with pytest.raises(ClientClosed):
                 async for _ in gen:

@@ -16,6 +16,7 @@ import torch
 
 from engine import (AsyncEngine, ContextLengthExceeded, Engine, EngineConfig, EngineOverloaded, EngineStopped,
                     FinishReason, SamplingParams, TokenEvent)
+from engine.attention import AttentionMetadata
 from engine.qwen2 import PagedQwen2
 from scripted_model import ScriptedModel
 
@@ -150,30 +151,33 @@ class Paused:
 
 
 class StepLog:
-    """Records what the runner computes: ("P", request_id, tokens) or ("D", batch size)."""
+    """Records what the runner computes: ("D", decodes in the step) then ("P", request_id, tokens) per chunk."""
 
     def __init__(self, engine: Engine) -> None:
         self.steps: list[tuple] = []
-        self.prefill_rows: list[int] = []  # requests in each prefill step
+        self.prefill_rows: list[int] = []  # prompt chunks in each step that has any
+        self.kinds: list[str] = []
         runner = engine.runner
-        prefill, decode = runner.prefill, runner.decode
+        run = runner.run
 
-        def logged_prefill(reqs, counts):
-            self.prefill_rows.append(len(reqs))
-            self.steps.extend(("P", req.request_id, n) for req, n in zip(reqs, counts))
-            return prefill(reqs, counts)
+        def logged_run(step):
+            self.kinds.append(step.kind)
+            decodes = [r for r, n in zip(step.requests, step.counts) if n == r.num_pending == 1]
+            if decodes:
+                self.steps.append(("D", len(decodes)))
+            chunks = [(r, n) for r, n in zip(step.requests, step.counts) if not n == r.num_pending == 1]
+            if chunks:
+                self.prefill_rows.append(len(chunks))
+            self.steps.extend(("P", req.request_id, n) for req, n in chunks)
+            return run(step)
 
-        def logged_decode(reqs):
-            self.steps.append(("D", len(reqs)))
-            return decode(reqs)
-
-        runner.prefill, runner.decode = logged_prefill, logged_decode
+        runner.run = logged_run
 
 
 class WrappedModel:
-    """The real paged model behind a hook that runs before each forward pass."""
+    """The real paged model behind a hook that runs before each forward pass (given the step's metadata)."""
 
-    def __init__(self, inner: PagedQwen2, before: Callable[[torch.Tensor], None]) -> None:
+    def __init__(self, inner: PagedQwen2, before: Callable[[AttentionMetadata], None]) -> None:
         self.inner, self.before = inner, before
         self.vocab_size, self.device = inner.vocab_size, inner.device
 
@@ -183,9 +187,9 @@ class WrappedModel:
     def allocate_kv_cache(self, num_slots: int) -> None:
         self.inner.allocate_kv_cache(num_slots)
 
-    def forward(self, input_ids, positions, slot_mapping, block_table, block_size):
-        self.before(input_ids)
-        return self.inner.forward(input_ids, positions, slot_mapping, block_table, block_size)
+    def forward(self, input_ids, positions, meta):
+        self.before(meta)
+        return self.inner.forward(input_ids, positions, meta)
 
 
 # ---- (1) batched greedy == one-at-a-time generate ----------------------------------------------------------
@@ -319,6 +323,23 @@ def test_seeded_request_reproduces_with_different_neighbours(make_engine, refere
     assert alone != reference(p, 24)  # it sampled
     other_seed = run(engine, p, SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.95, seed=99)).tokens
     assert other_seed != alone
+
+
+@pytest.mark.parametrize("neighbour_top_k", [50, 0])
+def test_seeded_top_k_request_ignores_the_top_k_of_its_neighbours(make_engine, neighbour_top_k):
+    """Issue 10 item 15: a seed gives the same tokens whatever else is in the batch, even when a neighbour asks
+    for a larger top_k (or none): the seeded row's noise must not be drawn over the batch's largest top_k."""
+    p = prompt(14, seed=33)
+    seeded = SamplingParams(max_new_tokens=24, temperature=1.0, top_k=20, seed=1234)
+    alone = run(make_engine(), p, seeded).tokens
+    engine = make_engine()
+    with Paused(engine):
+        neighbour = submit(engine, prompt(11, seed=34),
+                           SamplingParams(max_new_tokens=40, temperature=1.0, top_k=neighbour_top_k))
+        crowded = submit(engine, p, seeded)
+    assert crowded.wait().finish_reason is FinishReason.LENGTH
+    neighbour.wait()
+    assert crowded.tokens == alone
 
 
 # ---- (4) preemption ---------------------------------------------------------------------------------------------
@@ -516,7 +537,7 @@ def test_context_is_bounded_by_the_kv_pool(make_engine):
 def test_full_queue_raises_overloaded(make_engine, tiny_hf_model, reference):
     entered, gate = threading.Event(), threading.Event()
 
-    def hold(_ids):
+    def hold(_meta):
         entered.set()
         assert gate.wait(TIMEOUT)
 
@@ -544,9 +565,9 @@ def test_failing_prefill_ends_only_its_request(make_engine, tiny_hf_model, refer
     armed = threading.Event()
     prefills_seen: list[int] = []
 
-    def maybe_fail(ids: torch.Tensor) -> None:
-        if armed.is_set() and ids.shape[1] > 1:
-            prefills_seen.append(ids.shape[1])
+    def maybe_fail(meta: AttentionMetadata) -> None:
+        if armed.is_set() and max(meta.query_lens) > 1:  # a step with a prompt chunk (beside a's decode)
+            prefills_seen.append(max(meta.query_lens))
             if len(prefills_seen) == 2:  # b's second chunk: 12 of its tokens are already computed
                 armed.clear()
                 raise RuntimeError("injected prefill failure")

@@ -1,6 +1,8 @@
 """Property-based fuzzing of the WebSocket JSON-RPC endpoint: over 1,000 generated frames on ONE socket
-(random JSON, wrong types, huge values, unknown methods, junk bytes, deep nesting). Each frame gets the
-right JSON-RPC answer, the socket stays usable, and no task leaks."""
+(random JSON, wrong types, huge values, unknown methods, junk bytes, deep nesting, batches, oversized batches,
+lone surrogates). Each frame gets the right JSON-RPC answer, the socket stays usable, and no task leaks.
+Then sequences of generate / cancel / tool_result, as batches or back-to-back frames: every accepted generate
+ends exactly once."""
 from __future__ import annotations
 
 import json
@@ -86,8 +88,24 @@ notifications = st.builds(lambda m, p: {"jsonrpc": "2.0", "method": m, "params":
 huge = st.integers(min_value=1, max_value=3).map(
     lambda k: frame({"jsonrpc": "2.0", "method": "generate", "id": 1, "params": {
         "message": "x" * 10, "max_new_tokens": 10**(100 * k)}}, -32602))
+# A batch of requests that each get an error: the replies come back in order, one per request
+answered = st.one_of(bad_envelope, unknown_method, bad_generate, bad_tool_result, unknown_task, nothing_to_cancel)
+batch = st.lists(answered, min_size=1, max_size=8).map(
+    lambda cases: frame([json.loads(payload) for payload, _ in cases], [code for _, code in cases]))
+too_big_batch = st.integers(min_value=33, max_value=200).map(
+    lambda n: frame([{"jsonrpc": "2.0", "method": "cancel", "id": i} for i in range(n)], "batch-limit"))
+# An unpaired surrogate escape anywhere (id, method, params; alone or in a batch): not Unicode, -32700
+surrogate = st.builds(
+    lambda code, where, text: raw(json.dumps({
+        "id": {"jsonrpc": "2.0", "method": "cancel", "id": text + "@"},
+        "method": {"jsonrpc": "2.0", "method": text + "@", "id": 1},
+        "params": {"jsonrpc": "2.0", "method": "generate", "id": 1, "params": {"message": text + "@"}},
+        "batch": [{"jsonrpc": "2.0", "method": "cancel", "id": 1, "params": {"task_id": text + "@"}}],
+    }[where]).replace("@", "\\u%04x" % code), "surrogate"),
+    st.integers(min_value=0xD800, max_value=0xDFFF), st.sampled_from(["id", "method", "params", "batch"]),
+    st.text(alphabet="abc", max_size=5))
 frames = st.one_of(not_json, deep, not_an_object, bad_envelope, unknown_method, bad_generate, bad_tool_result,
-                   unknown_task, nothing_to_cancel, notifications, huge)
+                   unknown_task, nothing_to_cancel, notifications, huge, batch, too_big_batch, surrogate)
 
 
 def _is_json(data) -> bool:
@@ -124,6 +142,12 @@ def test_every_frame_gets_the_right_answer_on_one_socket(socket_under_fuzz, case
         assert reply["id"] == "probe" and reply["error"]["code"] == -32002
         return
     reply = json.loads(ws.recv(timeout=10))
+    if expected == "surrogate":
+        assert reply["error"]["code"] == -32700 and reply["id"] is None, (payload[:200], reply)
+        return
+    if expected == "batch-limit":
+        assert isinstance(reply, dict) and reply["error"]["code"] == -32600 and reply["id"] is None
+        return
     if expected == "deep":
         assert reply == [{"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request: expected an object"},
                           "id": None}] or reply["error"]["code"] == -32700
@@ -152,3 +176,100 @@ def test_after_the_fuzz_the_socket_works_and_nothing_leaked(socket_under_fuzz):
     while rt.engine.engine.stats()["running"] or rt.sessions.active_tasks:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+# ---- sequences: every accepted generate ends exactly once ---------------------------------------------------------------
+def respond(prompt: str) -> str:
+    last = prompt.rsplit("<|im_start|>user\n", 1)[-1]
+    if "<tool_response>" in last:
+        return "thanks."
+    if "use the tool" in last:
+        return '<tool_call>\n{"name": "lookup", "arguments": {}}\n</tool_call>'
+    if "go on" in last:
+        return "and so on " * 200
+    return "ok."
+
+
+action = st.one_of(
+    st.sampled_from(["hi", "use the tool", "go on"]).map(lambda m: ("generate", m)),
+    st.sampled_from(["cancel", "cancel-task", "cancel-other"]).map(lambda a: (a, None)),
+    st.sampled_from(["result", "result-wrong-call", "result-unknown-task", "result-huge"]).map(lambda a: (a, None)),
+)
+sequence = st.lists(st.tuples(st.lists(action, min_size=1, max_size=4), st.booleans()), min_size=1, max_size=5)
+
+
+@pytest.fixture(scope="module")
+def sequence_server(tiny_model_dir, tmp_path_factory):
+    settings = Settings(model_id=str(tiny_model_dir), log_file=str(tmp_path_factory.mktemp("log") / "log"),
+                        log_level="WARNING", rate_limit_per_min=0, kv_block_size=16, max_context=4096,
+                        max_tool_result_chars=2000)
+    with running_server(settings, scripted_loader(respond, step_delay=0.001)) as app:
+        yield app
+
+
+def _request(counter: list[int], method: str, params: dict) -> dict:
+    counter[0] += 1
+    return {"jsonrpc": "2.0", "id": counter[0], "method": method, "params": params}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(steps=sequence)
+def test_every_accepted_generate_ends_exactly_once(sequence_server, steps):
+    app = sequence_server
+    sid = create_session(app, [{"name": "lookup", "parameters": {"type": "object", "properties": {}}}])
+    counter, accepted, ends, calls = [0], [], {}, {}
+    task = None  # the latest accepted task
+
+    def handle(message) -> dict | None:
+        if isinstance(message, dict) and message.get("method") == "end":
+            ends[message["params"]["task_id"]] = ends.get(message["params"]["task_id"], 0) + 1
+        elif isinstance(message, dict) and message.get("method") == "function_call_request":
+            calls[message["params"]["task_id"]] = message["params"]["tool_calls"][0]["call_id"]
+        return message
+
+    with connect(f"ws://{app.base}/ws/{sid}", max_size=None) as ws:
+        for actions, batched in steps:
+            requests = []
+            for kind, arg in actions:
+                if kind == "generate":
+                    requests.append(_request(counter, "generate", {"message": arg}))
+                elif kind.startswith("cancel"):
+                    tid = {"cancel": None, "cancel-task": task, "cancel-other": "task-nope"}[kind]
+                    requests.append(_request(counter, "cancel", {} if tid is None else {"task_id": tid}))
+                else:
+                    result = "x" * 5000 if kind == "result-huge" else "42"
+                    call_id = "call-nope" if kind == "result-wrong-call" else calls.get(task)
+                    requests.append(_request(counter, "tool_result", {
+                        "task_id": "task-nope" if kind == "result-unknown-task" else (task or "task-none"),
+                        "results": [{"tool_name": "lookup", "result": result, **({"call_id": call_id} if call_id
+                                                                                   else {})}]}))
+            if batched:
+                ws.send(json.dumps(requests))
+            else:
+                for request in requests:
+                    ws.send(json.dumps(request))
+            waiting = {r["id"]: r for r in requests}
+            while waiting:
+                message = handle(json.loads(ws.recv(timeout=20)))
+                for reply in message if isinstance(message, list) else [message]:
+                    if "method" in reply:
+                        continue
+                    request = waiting.pop(reply["id"])
+                    assert ("result" in reply) != ("error" in reply), reply
+                    if request["method"] == "generate" and "result" in reply:
+                        task = reply["result"]["task_id"]
+                        accepted.append(task)
+        ws.send(json.dumps({"jsonrpc": "2.0", "method": "cancel", "id": "last"}))  # whatever is still running
+        deadline = time.monotonic() + 30
+        while any(t not in ends for t in accepted):
+            assert time.monotonic() < deadline, (accepted, ends)
+            handle(json.loads(ws.recv(timeout=20)))
+        quiet_until = time.monotonic() + 0.2  # nothing more may come: a second end would arrive now
+        while time.monotonic() < quiet_until:
+            try:
+                handle(json.loads(ws.recv(timeout=quiet_until - time.monotonic())))
+            except TimeoutError:
+                break
+    assert set(ends) == set(accepted) and all(n == 1 for n in ends.values()), (accepted, ends)
+    rt = app.state.runtime
+    assert rt.sessions.get(sid).active_task is None

@@ -32,8 +32,10 @@ def _run(engine, prompts, new):
     return [results[i] for i in range(len(prompts))]
 
 
-def test_cuda_graph_decode_gives_the_eager_tokens(tiny_model_dir):
-    """The same greedy tokens with decode replayed from CUDA graphs as with eager decode, batched."""
+@pytest.mark.parametrize("attention", ["paged", "reference"])
+def test_cuda_graph_decode_gives_the_eager_tokens(tiny_model_dir, attention):
+    """The same greedy tokens with decode replayed from CUDA graphs as with eager decode, batched; with paged
+    attention every batch bucket's graph is captured at start-up and none while serving."""
     from transformers import AutoModelForCausalLM
 
     from engine import Engine, EngineConfig
@@ -44,16 +46,40 @@ def test_cuda_graph_decode_gives_the_eager_tokens(tiny_model_dir):
     outputs = {}
     for graphs in (False, True):
         engine = Engine(PagedQwen2(model), EngineConfig(max_running=8, max_context=512, block_size=16,
-                                                        num_blocks=200, cuda_graphs=graphs))
+                                                        num_blocks=200, cuda_graphs=graphs, attention=attention))
         engine.start()
+        captured = len(engine.runner.graphs.graphs) if graphs else 0
         try:
             outputs[graphs] = _run(engine, prompts, 24)
             if graphs:
                 assert engine.runner.graphs.use_graphs and len(engine.runner.graphs.graphs) >= 1
+                if attention == "paged":
+                    assert captured == len(engine.runner.graphs.buckets) == len(engine.runner.graphs.graphs)
         finally:
             engine.stop()
     assert [o[0] for o in outputs[True]] == [o[0] for o in outputs[False]]
     assert all(len(o[0]) == 24 for o in outputs[True])
+
+
+def test_paged_and_reference_attention_give_the_same_greedy_tokens(tiny_model_dir):
+    """float32 tiny model: the compiled kernels and the gather path agree token for token (mixed steps, graphs)."""
+    from transformers import AutoModelForCausalLM
+
+    from engine import Engine, EngineConfig
+    from engine.qwen2 import PagedQwen2
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).cuda().eval()
+    prompts = [[(11 * i + 3 * j) % 1000 for j in range(3 + 40 * i)] for i in range(6)]
+    outputs = {}
+    for attention in ("reference", "paged"):
+        engine = Engine(PagedQwen2(model), EngineConfig(max_running=8, max_context=1024, block_size=16,
+                                                        num_blocks=400, prefill_chunk=64, attention=attention))
+        engine.start()
+        try:
+            outputs[attention] = _run(engine, prompts, 40)
+        finally:
+            engine.stop()
+    assert outputs["paged"] == outputs["reference"]
 
 
 def test_nf4_from_pretrained_with_the_real_14b_layer_shapes(tmp_path):
@@ -89,14 +115,14 @@ def test_nf4_from_pretrained_with_the_real_14b_layer_shapes(tmp_path):
     paged = loaded.paged_model
     assert loaded.serving_info["nf4_kernel"] == "triton" and paged.projections is not None
     projections, logits = paged.projections, {}
-    ids = torch.tensor([list(range(100, 107)), list(range(7, 14))], device="cuda")  # 14 rows: the kernels' path
-    positions = torch.arange(7, device="cuda").expand(2, 7).contiguous()
-    slots = torch.tensor([list(range(64, 71)), list(range(128, 135))], device="cuda")
-    table = torch.tensor([[1], [2]], device="cuda")
+    from paged_inputs import packed_step
+
+    ids = torch.tensor(list(range(100, 107)) + list(range(7, 14)), device="cuda")  # 14 rows: the kernels' path
+    positions, meta = packed_step([[1], [2]], [7, 7], [7, 7], 64, device="cuda")
     for kernel in ("triton", "bnb"):
         paged.projections = projections if kernel == "triton" else None
         paged.allocate_kv_cache(4 * 64)
-        logits[kernel] = paged.forward(ids, positions, slots, table, 64)
+        logits[kernel] = paged.forward(ids, positions, meta)
     err = (logits["triton"] - logits["bnb"]).abs().max().item()
     assert err <= 2e-2 * logits["bnb"].abs().max().item(), err
     paged.projections = projections

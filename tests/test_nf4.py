@@ -85,7 +85,7 @@ def test_reference_dequantizer_matches_bitsandbytes_exactly(n, k, nested):
 def test_bitsandbytes_cpu_repack_is_refused():
     lin = linear4bit(16, 64)
     lin.support_avx512bf16_for_cpu = True
-    lin(torch.randn(1, 64))
+    lin(torch.randn(1, 64, device=DEVICE))
     if getattr(lin.weight.quant_state, "packing_format_for_cpu", False):
         assert not nf4.supported(lin)
 
@@ -252,16 +252,54 @@ def test_install_falls_back_with_a_log_line_when_triton_cannot_run(nf4_model, mo
 def test_install_falls_back_when_the_self_check_fails(nf4_model, monkeypatch, caplog):
     paged = PagedQwen2(nf4_model)
     monkeypatch.setattr(nf4, "triton_available", lambda: None)
-    monkeypatch.setattr(nf4, "nf4_matmul", lambda x, w, config=None: torch.zeros(x.shape[0], w.n))
+    # wrong values on the right device, so the self-check fails on the mismatch it tests, not on a device error
+    monkeypatch.setattr(nf4, "nf4_matmul",
+                        lambda x, w, config=None: torch.zeros(x.shape[0], w.n, dtype=x.dtype, device=x.device))
     assert nf4.install(paged, "auto") == "bnb" and paged.projections is None
     assert "self-check mismatch" in caplog.text
 
 
+def test_kernels_do_not_specialise_on_the_row_count():
+    """Triton compiles a variant per value class of each specialised int (multiple of 16, equal to 1): M varies
+    per call (decode batch, eager prefill chunk), so it must not be one of them. Checked on the compiling JIT
+    (a subprocess without the interpreter), which is what a GPU runs."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    pytest.importorskip("triton")
+    code = ("from engine import nf4_triton as k; print(sorted({p.name for f in (k.nf4_gemv_kernel, k.nf4_gemm_kernel) "
+            "for p in f.params if p.do_not_specialize}))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "['M']"
+
+
 @needs_triton
-def test_warm_up_runs_every_decode_batch_bucket(nf4_model):
+def test_warm_up_compiles_what_every_row_count_needs(nf4_model):
+    """Every M from 1 to MAX_KERNEL_ROWS (decode batches and eager prefills of 33-127 rows alike) maps to a
+    kernel variant that warm-up ran, so no request compiles on its path; and warm-up runs each variant once."""
     projections = nf4.build_projections(nf4_model, nf4.nf4_matmul)
-    buckets = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128]  # engine/cuda_graphs.py's, up to MAX_KERNEL_ROWS
-    assert nf4.warm_up(projections[0], torch.float32, torch.device(DEVICE)) == 4 * len(buckets)
+    device = torch.device(DEVICE)
+    ran: list[tuple[int, int, int]] = []
+    real = nf4.nf4_matmul
+
+    def recording(x, w, config=None):
+        ran.append((id(w), *x.shape))
+        return real(x, w, config)
+
+    import unittest.mock
+    with unittest.mock.patch.object(nf4, "nf4_matmul", recording):
+        calls = nf4.warm_up(projections[0], torch.float32, device)
+    assert calls == len(ran)
+    for lin in (projections[0].qkv, projections[0].o, projections[0].gate_up, projections[0].down):
+        warmed = {nf4.kernel_variant(m, lin.weight, device) for wid, m, _k in ran if wid == id(lin.weight)}
+        needed = {nf4.kernel_variant(m, lin.weight, device) for m in range(1, nf4.MAX_KERNEL_ROWS + 1)}
+        assert warmed == needed
+        assert sum(1 for wid, *_ in ran if wid == id(lin.weight)) == len(needed)  # each variant once
 
 
 @needs_triton
@@ -306,15 +344,17 @@ import json, pathlib, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from engine import nf4, nf4_triton as kern
+from engine import devices, nf4, nf4_triton as kern
 
-ptrs = dict(x_ptr="*bf16", codes_ptr="*u8", absq_ptr="*u8", abs2_ptr="*fp32", off2_ptr="*fp32", code2_ptr="*fp32",
-            nf4_ptr="*fp32", bias_ptr="*bf16", out_ptr="*bf16", ws_ptr="*fp32", lock_ptr="*i32")
+def pointers(act):
+    return dict(x_ptr=act, codes_ptr="*u8", absq_ptr="*u8", abs2_ptr="*fp32", off2_ptr="*fp32", code2_ptr="*fp32",
+                nf4_ptr="*fp32", bias_ptr=act, out_ptr=act, ws_ptr="*fp32", lock_ptr="*i32")
 ints = dict.fromkeys(["M", "N", "K", "stride_xm", "stride_om", "stride_wn", "r1", "r2", "nb1", "nb2"], "i32")
 cuobjdump = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-nf4._SM_COUNT[0] = 132  # an H100
+devices.SM_COUNTS[0] = 132  # an H100
 results = {}
-for m, n, k in json.loads(sys.argv[1]):
+for m, n, k, act in json.loads(sys.argv[1]):
+    ptrs = pointers(act)
     cfg = nf4.pick_config(m, n, k, __import__("torch").device("cuda", 0))
     consts = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, NESTED=True, HAS_BIAS=True)
     if cfg.block_m == 0:
@@ -330,15 +370,18 @@ for m, n, k in json.loads(sys.argv[1]):
         f.flush()
         usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True).stdout
     line = next(l for l in usage.splitlines() if "REG:" in l)
-    results[f"{m}x{n}x{k}"] = {kv.split(":")[0]: int(kv.split(":")[1]) for kv in line.split()[:2]}
+    res = {kv.split(":")[0]: int(kv.split(":")[1]) for kv in line.split()[:2]}
+    ptx = compiled.asm["ptx"]
+    res.update(tf32="tf32" in ptx, mma="mma" in ptx)  # mma.sync / wgmma: tensor cores
+    results[f"{m}x{n}x{k}x{act}"] = res
 print(json.dumps(results))
 '''
 
 
 def test_kernels_compile_for_sm90_without_spills():
     """What the interpreter cannot show: the kernels compile for an H100/H200 (sm_90, with Triton's own ptxas,
-    no GPU needed) with the configs the server picks, and keep everything in registers (no local-memory
-    stack, which would turn a bandwidth-bound kernel into a latency-bound one)."""
+    no GPU needed) with the configs the server picks, keep everything in registers (no local-memory stack,
+    which would turn a bandwidth-bound kernel into a latency-bound one), and never round float32 to TF32."""
     import json
     import subprocess
     import sys
@@ -346,7 +389,8 @@ def test_kernels_compile_for_sm90_without_spills():
     from conftest import REPO_ROOT
 
     pytest.importorskip("triton")
-    shapes = [(1, 7168, 5120), (3, 5120, 13824), (16, 27648, 5120), (33, 5120, 5120), (64, 7168, 5120)]
+    shapes = [(1, 7168, 5120, "*bf16"), (3, 5120, 13824, "*bf16"), (16, 27648, 5120, "*bf16"),
+              (33, 5120, 5120, "*bf16"), (64, 7168, 5120, "*bf16"), (16, 1024, 512, "*fp32"), (64, 1024, 512, "*fp32")]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO_ROOT)
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
@@ -358,4 +402,19 @@ def test_kernels_compile_for_sm90_without_spills():
     usage = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(usage) == len(shapes)
     for shape, res in usage.items():
-        assert res["STACK"] == 0 and res["REG"] <= 255, (shape, res)
+        # float32 activations (the GPU tests' exact comparisons, never served) are multiplied in float32: TF32
+        # would be ~1e-2 off the reference. bf16 (what the server runs) keeps everything in registers, and its
+        # tiles of 16+ rows run on the tensor cores.
+        assert not res["tf32"], shape
+        if shape.endswith("bf16"):
+            assert res["STACK"] == 0 and res["REG"] <= 255, (shape, res)
+            assert res["mma"] or int(shape.split("x")[0]) <= nf4.GEMV_MAX_M, shape
+
+
+def test_parameter_count_of_a_4bit_model_is_its_logical_size(nf4_model, tiny_hf_model):
+    """bitsandbytes packs two NF4 values per byte: the load log counts each weight's logical shape, not its
+    storage (which is about half), so it reports the same count as the unquantized model."""
+    from shared import count_parameters
+
+    packed = sum(p.numel() for p in nf4_model.parameters())
+    assert count_parameters(nf4_model) == count_parameters(tiny_hf_model) > packed

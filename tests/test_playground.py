@@ -43,6 +43,7 @@ def screenshot_path(name: str) -> str:
 WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"location": "London"}}\n</tool_call>'
 HELLO = "Hello! This answer streams in word by word, one token at a time. The end."
 LONG_STORY = "once upon a time " * 200
+STORY = "once upon a time " * 40
 MARKUP = '<b id="injected">bold</b><img src="x" onerror="window.__xss = 1">'
 
 
@@ -56,6 +57,8 @@ def respond(prompt: str) -> str:
         return WEATHER_CALL
     if "long story" in last:
         return LONG_STORY
+    if "a story" in last:
+        return STORY
     if "echo" in last:
         return "You said: " + last
     return HELLO
@@ -288,20 +291,41 @@ def test_chat_tool_call_and_cancel(tab: Page, server) -> None:
     assert tab.script_errors == []
 
 
-def test_socket_closed_is_shown_and_reconnect_continues(tab: Page, server) -> None:
+def test_a_dropped_socket_resumes_by_itself(tab: Page, server) -> None:
+    """The socket drops mid-answer: the page reopens it with ?resume_from=<last seq>, the server (which kept the
+    task running) replays what was missed, and the answer completes with nothing lost or doubled."""
+    from playwright.sync_api import expect
+
+    tab.create_session()
+    turn = tab.send("tell me a story")
+    expect(turn.get_by_test_id("answer")).to_contain_text("once upon a time once upon a time")
+    sid = tab.page.evaluate("document.getElementById('session-id').textContent").split()[-1]
+    conn = server.state.runtime.sessions.get(sid).connection
+    server.server.loop.call_soon_threadsafe(conn.close, 1001, "going away")
+    expect(tab.by("connection-status")).not_to_have_text("connected")  # it did drop mid-answer
+    expect(turn.get_by_test_id("stat-finish")).to_have_text("stop")
+    expect(turn.get_by_test_id("answer")).to_have_text(STORY.strip())
+    expect(tab.by("connection-status")).to_have_text("connected")
+    assert any("resume_from=" in u for u in tab.sockets[1:]), tab.sockets
+    turn = tab.send("hello again")
+    expect(turn.get_by_test_id("answer")).to_have_text(HELLO)
+    assert tab.external_requests() == [] and tab.script_errors == []
+
+
+def test_a_socket_replaced_is_shown_and_reconnect_continues(tab: Page, server) -> None:
+    """A socket closed for good (here: as if a newer socket had resumed the session) is not reopened by itself;
+    the Reconnect button continues the conversation."""
     from playwright.sync_api import expect
 
     tab.create_session()
     turn = tab.send("tell me a long story")
     expect(turn.get_by_test_id("answer")).to_contain_text("once upon a time")
-    # The server closes the socket mid-answer (as on shutdown); closing cancels the task server-side.
     for conn in list(server.state.runtime.connections):
-        server.server.loop.call_soon_threadsafe(conn.close, 1001, "going away")
-    expect(tab.by("error").last).to_contain_text("Socket closed (code 1001: going away)")
+        server.server.loop.call_soon_threadsafe(conn.close, 4000, "replaced")
+    expect(tab.by("error").last).to_contain_text("Socket closed (code 4000: replaced)")
     expect(turn.get_by_test_id("stat-finish")).to_have_text("socket closed")
     expect(tab.by("connection-status")).to_have_text("disconnected")
     expect(tab.by("send")).to_be_disabled()
-    # The session outlives its socket: reconnect and continue the conversation.
     tab.by("reconnect").click()
     expect(tab.by("connection-status")).to_have_text("connected")
     turn = tab.send("hello again")

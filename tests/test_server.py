@@ -57,8 +57,10 @@ def respond(prompt: str) -> str:
 
 @pytest.fixture(scope="module")
 def settings(tiny_model_dir, tmp_path_factory) -> Settings:
+    # The script writes invalid tool calls on purpose: these tests exercise the unconstrained path (validation and
+    # correction rounds). Constrained decoding has its own tests (test_structured_outputs.py).
     return Settings(model_id=str(tiny_model_dir), log_file=str(tmp_path_factory.mktemp("log") / "server.log"),
-                    kv_block_size=16, max_context=2048, max_batch=8, prefill_chunk=64)
+                    kv_block_size=16, max_context=2048, max_batch=8, prefill_chunk=64, structured_outputs="off")
 
 
 @pytest.fixture(scope="module")

@@ -130,3 +130,29 @@ def test_rotating_log_carries_session_and_task_ids(tmp_path):
         for handler in [h for h in root.handlers if getattr(h, "_inference", False)]:
             root.removeHandler(handler)
             handler.close()
+
+
+def test_engine_ii_settings_are_parsed_and_checked():
+    s = Settings.from_env({"INFERENCE_ATTENTION": "Reference", "INFERENCE_MAX_STEP_TOKENS": "256"}, dotenv_path=None)
+    assert (s.attention, s.max_step_tokens) == ("reference", 256)
+    assert Settings.from_env({}, dotenv_path=None).attention == "auto"
+    with pytest.raises(ConfigError, match="INFERENCE_ATTENTION='flash' is invalid: allowed values are auto, paged"):
+        Settings.from_env({"INFERENCE_ATTENTION": "flash"}, dotenv_path=None)
+    with pytest.raises(ConfigError, match="INFERENCE_MAX_STEP_TOKENS=64 must exceed INFERENCE_MAX_BATCH"):
+        Settings.from_env({"INFERENCE_MAX_STEP_TOKENS": "64", "INFERENCE_MAX_BATCH": "64"}, dotenv_path=None)
+
+
+def test_engine_config_carries_the_engine_ii_settings_and_refuses_what_cannot_run(tiny_model_dir, monkeypatch):
+    import torch
+
+    import server_starlette
+    from shared import load_model
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU paged attention runs")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as a CPU server runs: no interpreter
+    loaded = load_model(Settings(model_id=str(tiny_model_dir), device="cpu", dtype="float32"))
+    config = server_starlette.engine_config(Settings(max_step_tokens=300, max_batch=7), loaded)
+    assert (config.max_step_tokens, config.max_running, config.attention) == (300, 7, "auto")
+    with pytest.raises(ConfigError, match="INFERENCE_ATTENTION=paged: paged attention cannot run here"):
+        server_starlette.engine_config(Settings(attention="paged"), loaded)

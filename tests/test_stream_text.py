@@ -296,6 +296,13 @@ PARSER_CASES = {
     "not_tag_then_tag": ("x <<tool" + LONDON, "x <<tool", [LONDON_CALL]),
     "tag_prefix_at_end": ("Ends with <tool_ca", "Ends with <tool_ca", []),
     "stray_close_tag": ("a </tool_call> b", "a </tool_call> b", []),
+    # an argument may contain the tag's text: the call ends at the first close outside a JSON string
+    "close_tag_inside_a_string": (call_block("note", {"text": "use </tool_call> to close", "q": "a\\\"</tool_call>"})
+                                  + " ok", "ok", [ParsedCall("note", {"text": "use </tool_call> to close",
+                                                                      "q": "a\\\"</tool_call>"})]),
+    # a malformed call (an unclosed string) still ends at its first close, as text; what follows still parses
+    "unbalanced_quote_block_then_call": (f'{TOOL_OPEN}{{"name": "x, "a": 1}}{TOOL_CLOSE} then' + LONDON,
+                                         f'{TOOL_OPEN}{{"name": "x, "a": 1}}{TOOL_CLOSE} then', [LONDON_CALL]),
 }
 
 

@@ -28,7 +28,8 @@ const ERROR_NAMES = {
   "-32603": "internal error", "-32000": "generation failed", "-32001": "session busy",
   "-32002": "nothing to cancel", "-32003": "unknown task", "-32004": "prompt too long",
   "-32005": "tool result timeout", "-32006": "overloaded", "-32007": "not waiting for tool results",
-  "-32008": "engine unavailable", "-32009": "rate limited",
+  "-32008": "engine unavailable", "-32009": "rate limited", "-32010": "stream incomplete",
+  "-32011": "task lost",
 };
 
 export function rpcErrorTitle(error, context) {

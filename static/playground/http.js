@@ -44,10 +44,11 @@ export const postJson = (path, body) => requestJson(path, body);
 
 // The WebSocket URL for the session: same host as the page, ws: or wss: to match http: or https:. With an
 // API key, a single-use ticket goes in the query, since browsers cannot set headers on a WebSocket and the
-// long-lived key must never appear in a URL.
-export async function socketUrl(sessionId) {
+// long-lived key must never appear in a URL. `resumeFrom` (a seq, or null): resume after that notification.
+export async function socketUrl(sessionId, resumeFrom = null) {
   const url = new URL(`ws/${encodeURIComponent(sessionId)}`, document.baseURI);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  if (resumeFrom !== null) url.searchParams.set("resume_from", String(resumeFrom));
   if (ui.apiKey.value.trim()) {
     const body = await postJson("auth/ticket", {session_id: sessionId});
     url.searchParams.set("ticket", body.ticket);

@@ -1,9 +1,12 @@
 // The web playground: a chat client for the server's WebSocket JSON-RPC protocol (see README "API").
 //
 // Plain browser JavaScript modules, no build step and no external resources. This module owns the session
-// and its socket and routes what arrives; dom.js, http.js, settings.js, turns.js and toolcards.js do the rest.
+// and its socket and routes what arrives; dom.js, http.js, settings.js, turns.js, toolcards.js and resume.js (a
+// dropped socket reopens by itself and the answer goes on) do the rest.
 import {addEntry, el, formatDetails, rpcErrorTitle, showError, showNote} from "./dom.js";
 import {requestJson, postJson, socketUrl} from "./http.js";
+import {cancelAbandoned, onResumed, resentGenerateStarted, resumeAfterClose, retryResume,
+  skipNotification} from "./resume.js";
 import {DEFAULT_TOOLS, readCanned, readTools, samplingParams, settingsError} from "./settings.js";
 import {refreshButtons, rpc, setStatus, state, ui} from "./state.js";
 import {onCallRequest} from "./toolcards.js";
@@ -54,6 +57,8 @@ async function createSession() {
     const body = await postJson("create_session", {tools});
     closeSocket("a new session was created");
     state.sessionId = body.session_id;
+    state.lastSeq = 0;
+    state.abandoned = null;
     ui.sessionId.textContent = `session ${body.session_id}`;
     const names = tools.map((t) => (t && (t.name || (t.function && t.function.name))) || "?");
     showNote(`New session with ${tools.length} tool(s)${names.length ? `: ${names.join(", ")}` : ""}.`);
@@ -67,13 +72,18 @@ async function createSession() {
   }
 }
 
+// A socket reopened after a drop resumes after the last notification received, so an answer still running goes
+// on where it was; one opened by hand (Reconnect) starts with the live stream.
 async function connect() {
   if (state.sessionId === null) return;
-  setStatus("connecting…", "busy");
+  setStatus(state.resuming ? "reconnecting…" : "connecting…", "busy");
   let url;
   try {
-    url = await socketUrl(state.sessionId);
+    url = await socketUrl(state.sessionId, state.resuming ? state.lastSeq : null);
   } catch (err) {
+    if (state.resuming && retryResume(connect)) return;
+    if (state.turn) endTurnLocally("socket closed");  // gave up resuming: the answer will not come here
+    refreshButtons();
     setStatus("not connected", "error");
     showError(`Could not get a WebSocket ticket: ${err.title || err.message}`, err.details);
     return;
@@ -88,7 +98,9 @@ async function connect() {
 function onOpen(ws) {
   if (ws !== state.ws) return;
   state.connected = true;
+  state.resuming = null;
   ws.wasOpen = true;
+  cancelAbandoned();  // a turn given up on the page: its task is stopped (Send waits for its end)
   setStatus("connected", "ok");
   refreshButtons();
   ui.message.focus();
@@ -98,7 +110,9 @@ function onClose(ws, event) {
   if (ws !== state.ws) return;  // an old session's socket, closed on purpose
   state.ws = null;
   state.connected = false;
-  if (state.turn) endTurnLocally("socket closed");  // the server cancels the task of a socket that goes away
+  if (resumeAfterClose(ws, event, connect)) return;
+  state.resuming = null;
+  if (state.turn) endTurnLocally("socket closed");  // the server cancelled the task (or never will resume it)
   setStatus("disconnected", "error");
   if (ws.wasOpen) {
     showError(`Socket closed (code ${event.code}${event.reason ? `: ${event.reason}` : ""}).`,
@@ -116,6 +130,7 @@ function closeSocket(reason) {
   const ws = state.ws;
   state.ws = null;  // set first so onClose ignores this deliberate close
   state.connected = false;
+  state.resuming = null;
   if (state.turn) endTurnLocally(reason);
   if (ws) ws.close(1000, "closed by the playground");
   refreshButtons();
@@ -141,8 +156,9 @@ function onResponse(message) {
   const pending = state.pending.get(message.id);
   state.pending.delete(message.id);
   const method = pending ? pending.method : "request";
+  if (resentGenerateStarted(pending, message)) return;
   if (message.error) {
-    showError(rpcErrorTitle(message.error, method), formatDetails(message.error.data));
+    if (!pending || !pending.quiet) showError(rpcErrorTitle(message.error, method), formatDetails(message.error.data));
     if (pending && pending.fail) pending.fail(message.error);
   } else if (pending && pending.ok) {
     pending.ok(message.result);
@@ -150,6 +166,8 @@ function onResponse(message) {
 }
 
 function onNotification(method, params) {
+  if (method === "resumed") return onResumed(params);
+  if (skipNotification(method, params)) return undefined;
   const turn = state.turn;
   // Every notification names its task; one belonging to no running turn (a late one) is ignored.
   if (!turn || (turn.taskId && params.task_id && params.task_id !== turn.taskId)) return;

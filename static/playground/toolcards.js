@@ -7,6 +7,9 @@ import {rpc, state} from "./state.js";
 import {markFirstOutput} from "./turns.js";
 
 export function onCallRequest(turn, calls) {
+  // A request resent after a resume repeats calls this page shows already: their card stays as it is.
+  const shown = new Set([...turn.calls.querySelectorAll("[data-call-id]")].map((node) => node.dataset.callId));
+  if (calls.length && calls.every((call) => call.call_id && shown.has(call.call_id))) return;
   markFirstOutput(turn);
   turn.waitingSince = performance.now();
   const card = el("div", {className: "tool-card", "data-testid": "tool-card"},

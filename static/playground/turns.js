@@ -47,6 +47,7 @@ export function onEnd(turn, params) {
 // The turn ends without an `end` from the server (its socket went away).
 export function endTurnLocally(reason) {
   const turn = state.turn;
+  if (turn.taskId) state.abandoned = turn.taskId;  // it may still run on the server (INFERENCE_RESUME_GRACE_S)
   turn.node.classList.add("aborted");
   turn.stats.hidden = false;
   turn.stats.replaceChildren(el("span", {className: "finish finish-error", "data-testid": "stat-finish",

@@ -1,0 +1,275 @@
+"""The durable session store on its real backends: SQLite files and a real redis-server (never mocked).
+
+Every backend keeps the same contract: a session written in pieces reads back whole, in order; a truncation
+(a task rolled back) and a rewrite (a history replaced) read back exactly; a hole is repaired by a full rewrite;
+failures are reported, never silent; the event loop never waits on the store's I/O.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import pytest
+
+from services import Redis, redis_server
+from session_store import BadRecord, SessionRecord, SessionStore, SessionTooLarge
+from store_backends import NullBackend, RedisBackend, SqliteBackend, StoreError, check_url
+
+MiB = 2**20
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/sessions.db"
+    return request.getfixturevalue("redis_url")
+
+
+def record(session_id: str, n: int = 0, **kw) -> SessionRecord:
+    tools = [{"name": "get_weather", "description": "", "parameters": {"type": "object", "properties": {}}}]
+    return SessionRecord(session_id=session_id, owner="key-1", quota="key-1", tools=tools,
+                         messages=[message(i) for i in range(n)], **kw)
+
+
+def message(i: int) -> dict:
+    if i % 3 == 1:
+        return {"role": "assistant", "content": f"answer {i} é 🙂", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": f"c{i}"}}}]}
+    if i % 3 == 2:
+        return {"role": "tool", "content": json.dumps({"t": i}), "tool_call_id": f"call-{i}", "name": "get_weather"}
+    return {"role": "user", "content": f"question {i} \ud800 lone surrogate"}
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def test_pieces_truncation_and_rewrite_read_back_exactly(store_url):
+    async def go():
+        store = SessionStore.open(store_url, max_bytes=MiB, idle_s=3600)
+        sid = f"s-{os.urandom(6).hex()}"
+        rec = record(sid)
+        for n in range(1, 8):  # one message at a time, each save naming where the new part starts
+            rec.messages = rec.messages + [message(n - 1)]
+            rec.version += 1
+            assert await store.save(SessionRecord(**{**rec.__dict__, "messages": list(rec.messages)}), n - 1) is None
+        loaded = await store.load(sid)
+        assert loaded.messages == [message(i) for i in range(7)] and loaded.version == 7
+        assert loaded.tools == rec.tools and loaded.owner == "key-1"
+
+        rec.messages, rec.task, rec.seq, rec.version = rec.messages[:3], {"task_id": "task-1", "base": 3}, 41, 8
+        assert await store.save(SessionRecord(**rec.__dict__), 3) is None  # a rollback to 3 messages
+        loaded = await store.load(sid)
+        assert loaded.messages == [message(i) for i in range(3)]
+        assert (loaded.task, loaded.seq) == ({"task_id": "task-1", "base": 3}, 41)
+
+        rec.messages, rec.version, rec.task = [{"role": "user", "content": "replaced"}], 9, None
+        assert await store.save(SessionRecord(**rec.__dict__), 0) is None  # a history replaces the conversation
+        assert (await store.load(sid)).messages == [{"role": "user", "content": "replaced"}]
+        assert await store.version(sid) == 9
+
+        await store.delete(sid)
+        assert await store.load(sid) is None and await store.version(sid) is None
+        assert store.status()["ok"] and store.status()["failures"] == 0
+        await store.close()
+    run(go())
+
+
+def test_writes_land_in_order_without_waiting(store_url):
+    """Fire-and-forget saves of many sessions, interleaved: each session ends as its last save says."""
+    async def go():
+        store = SessionStore.open(store_url, max_bytes=MiB, idle_s=3600)
+        ids = [f"o-{os.urandom(6).hex()}" for _ in range(5)]
+        recs = {sid: record(sid) for sid in ids}
+        futures = []
+        for step in range(30):
+            for sid in ids:
+                rec = recs[sid]
+                start = len(rec.messages)
+                rec.messages = [*rec.messages, message(step)]
+                rec.version += 1
+                futures.append(store.save(SessionRecord(**{**rec.__dict__}), start))
+        assert all(r is None for r in await asyncio.gather(*futures))
+        for sid in ids:
+            loaded = await store.load(sid)
+            assert loaded.messages == [message(i) for i in range(30)] and loaded.version == 30
+        await store.close()
+    run(go())
+
+
+def test_a_hole_is_repaired_by_a_full_rewrite(store_url):
+    """Another writer (a second replica, or a store that lost data) leaves fewer messages than this worker
+    wrote: the next incremental save notices and rewrites the whole conversation."""
+    async def go():
+        store = SessionStore.open(store_url, max_bytes=MiB, idle_s=3600)
+        sid = f"h-{os.urandom(6).hex()}"
+        await store.save(record(sid, 4, version=1), 0)
+        await asyncio.to_thread(store.backend.delete, sid)  # behind the worker's back
+        assert await store.save(record(sid, 6, version=2), 4) is None
+        assert (await store.load(sid)).messages == [message(i) for i in range(6)]
+        await store.close()
+    run(go())
+
+
+def test_size_bound_on_write_and_on_read(store_url):
+    async def go():
+        small = SessionStore.open(store_url, max_bytes=4096, idle_s=3600)
+        sid = f"b-{os.urandom(6).hex()}"
+        big = record(sid, 1)
+        big.messages[0]["content"] = "x" * 5000
+        assert isinstance(await small.save(big, 0), SessionTooLarge)
+        assert small.status()["ok"], "a session too large is that session's problem, not the store's"
+        assert await small.load(sid) is None
+        large = SessionStore.open(store_url, max_bytes=MiB, idle_s=3600)
+        assert await large.save(big, 0) is None
+        with pytest.raises(SessionTooLarge):
+            await small.load(sid)
+        assert small.status()["ok"]
+        await small.close()
+        await large.close()
+    run(go())
+
+
+def test_sqlite_survives_a_new_process_and_expires_idle_sessions(tmp_path):
+    async def go():
+        url = f"sqlite:///{tmp_path}/s.db"
+        first = SessionStore.open(url, max_bytes=MiB, idle_s=3600)
+        await first.save(record("kept", 5, seq=12, version=3), 0)
+        await first.save(record("idle", 2), 0)
+        await first.close()
+        second = SessionStore.open(url, max_bytes=MiB, idle_s=0.3)
+        loaded = await second.load("kept")
+        assert loaded.messages == [message(i) for i in range(5)] and (loaded.seq, loaded.version) == (12, 3)
+        time.sleep(0.4)
+        await second.touch(["kept"])  # in use: a socket or a task holds it
+        assert await second.expire() == ["idle"]
+        assert await second.load("idle") is None and await second.load("kept") is not None
+        await second.close()
+    run(go())
+
+
+def test_redis_keys_expire_by_ttl_and_touch_refreshes(redis_url):
+    async def go():
+        store = SessionStore.open(redis_url, max_bytes=MiB, idle_s=5)
+        sid = f"t-{os.urandom(6).hex()}"
+        await store.save(record(sid, 2), 0)
+        client = store.backend.client
+        meta, msgs = RedisBackend.keys(sid)
+        assert 0 < client.pttl(meta) <= 5000 and 0 < client.pttl(msgs) <= 5000
+        client.pexpire(meta, 100)
+        client.pexpire(msgs, 100)
+        await store.touch([sid])
+        assert client.pttl(meta) > 4000 and client.pttl(msgs) > 4000
+        assert store.shared and store.durable
+        await store.close()
+    run(go())
+
+
+def test_a_malformed_record_is_refused_not_trusted(redis_url):
+    async def go():
+        store = SessionStore.open(redis_url, max_bytes=MiB, idle_s=60)
+        sid = f"m-{os.urandom(6).hex()}"
+        meta, msgs = RedisBackend.keys(sid)
+        store.backend.client.hset(meta, mapping={"meta": json.dumps(record(sid).__dict__), "version": 1, "length": 1})
+        store.backend.client.rpush(msgs, json.dumps({"role": "hacker", "content": 3}))
+        with pytest.raises(BadRecord, match="message 0"):
+            await store.load(sid)
+        store.backend.client.hset(meta, "meta", "{not json")
+        with pytest.raises(BadRecord, match="malformed"):
+            await store.load(sid)
+        assert store.status()["ok"]
+        await store.close()
+    run(go())
+
+
+def test_a_redis_outage_is_reported_and_never_blocks_the_loop(tmp_path):
+    """Redis goes away: writes fail with the reason in status() (what /ready shows) while the event loop keeps
+    ticking; Redis comes back: the store reports itself healthy again without a restart."""
+    async def go(server: Redis):
+        store = SessionStore.open(server.url, max_bytes=MiB, idle_s=60)
+        assert await store.save(record("r1", 2), 0) is None
+        server.stop()
+        gaps, stop = [], asyncio.Event()
+
+        async def heartbeat():
+            last = time.perf_counter()
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+        beat = asyncio.create_task(heartbeat())
+        failed = await asyncio.gather(*(store.save(record("r1", 2 + i), 2 + i - 1) for i in range(1, 3)))
+        stop.set()
+        await beat
+        assert all(isinstance(f, StoreError) for f in failed), failed
+        status = store.status()
+        assert not status["ok"] and "redis" in status["error"] and status["failures"] >= 2
+        assert max(gaps) < 0.25, f"the loop stalled {max(gaps):.3f} s while the store failed"
+        with pytest.raises(StoreError):
+            await store.load("r1")
+        server.start()
+        deadline = time.monotonic() + 15
+        while not store.status()["ok"]:
+            assert time.monotonic() < deadline, store.status()
+            await asyncio.sleep(0.1)
+        assert await store.save(record("r1", 4, version=5), 0) is None
+        assert (await store.load("r1")).version == 5
+        await store.close()
+
+    server = Redis(tmp_path / "redis").start()
+    try:
+        run(go(server))
+    finally:
+        server.stop()
+
+
+def test_an_unwritable_sqlite_file_is_reported(tmp_path):
+    (tmp_path / "dir.db").mkdir()
+
+    async def go():
+        store = SessionStore.open(f"sqlite:///{tmp_path}/dir.db", max_bytes=MiB, idle_s=60)
+        assert isinstance(await store.save(record("x", 1), 0), StoreError)
+        assert not store.status()["ok"] and "sqlite" in store.status()["error"]
+        await store.close()
+    run(go())
+
+
+def test_memory_keeps_nothing():
+    async def go():
+        store = SessionStore(NullBackend(), max_bytes=MiB, idle_s=60)
+        assert await store.save(record("n", 3), 0) is None
+        assert await store.load("n") is None and not store.durable
+        await store.close()
+    run(go())
+
+
+@pytest.mark.parametrize("url", ["memory", "sqlite:///sessions.db", "sqlite:////var/tmp/x.db", "redis://h:6379/0",
+                                 "rediss://:pw@h:6380/1"])
+def test_store_urls_accepted(url):
+    assert check_url(url) == url
+
+
+@pytest.mark.parametrize("url", ["", "sqlite://", "sqlite:///", "sqlite://host/x.db", "redis://", "postgres://h/db",
+                                 "Memory", "file:///x.db"])
+def test_store_urls_refused(url):
+    with pytest.raises(ValueError, match="use "):
+        check_url(url)
+
+
+def test_sqlite_backend_direct_contract(tmp_path):
+    """The backend alone: a write that would leave a hole is refused and changes nothing."""
+    db = SqliteBackend(str(tmp_path / "b.db"))
+    assert db.write("a", "{}", 1, 0, ["m0", "m1"])
+    assert not db.write("a", "{}", 2, 5, ["m5"])
+    stored = db.read("a")
+    assert (stored.messages, stored.version) == (["m0", "m1"], 1)
+    db.close()
