@@ -478,13 +478,19 @@ def count_parameters(model: Any) -> int:
 
 @contextlib.contextmanager
 def _hub_errors(model_id: str) -> Iterator[None]:
-    """A download that fails midway (network, disk full) becomes a ConfigError naming the cause."""
+    """A download that fails midway (network, disk full) becomes a ConfigError naming the cause; so does a model
+    whose files cannot be read (transformers says which are missing: e.g. an interrupted download's directory)."""
     try:
         yield
     except Exception as exc:
-        if (problem := hub_problem(exc)) is None:
+        if (problem := hub_problem(exc)) is not None:
+            raise ConfigError(f"INFERENCE_MODEL_ID={model_id!r}: cannot load it: {problem}.\n{OFFLINE_NEXT_STEP}"
+                              ) from None
+        if not isinstance(exc, OSError):
             raise
-        raise ConfigError(f"INFERENCE_MODEL_ID={model_id!r}: cannot load it: {problem}.\n{OFFLINE_NEXT_STEP}") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ConfigError(f"INFERENCE_MODEL_ID={model_id!r}: cannot load it: {reason.rstrip('.')} (an interrupted "
+                          f"download resumes where it stopped: `{DOWNLOAD_HINT}`).\n{OFFLINE_NEXT_STEP}") from None
 
 
 def load_model(settings: Settings) -> LoadedModel:

@@ -3,7 +3,9 @@ the hub's errors classified, and the server and the download script run with the
 from __future__ import annotations
 
 import errno
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -94,3 +96,38 @@ def test_download_script_help_says_the_names_plainly():
     out = run_offline("scripts/download_14b_model.py", "--help").stdout
     assert "./Qwen-14B" in out and "./Qwen2.5-14B-Instruct" in out and "INFERENCE_MODEL_ID=Qwen2.5-14B-Instruct" in out
     assert "WITHOUT a GPU it downloads Qwen/Qwen2.5-0.5B-Instruct instead" in out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("engine_process", ["auto", "off"])  # auto: load_model runs in the engine process
+@pytest.mark.parametrize(("broken", "cause"), [
+    ("model.safetensors", "cannot load it: "),
+    ("chat template", "the tokenizer has no chat template"),
+])
+def test_a_model_that_fails_to_load_stops_with_one_message_in_either_engine_placement(
+        tiny_model_dir, tmp_path, engine_process, broken, cause):
+    """The directory passes the early check (it has a config.json) and fails inside load_model: with the engine
+    in its own process the ConfigError crosses the process boundary, and the user still sees one message (no
+    traceback, from either process) and exit status 2, as on a thread."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    if broken == "chat template":
+        (model / "chat_template.jinja").unlink(missing_ok=True)
+        config = json.loads((model / "tokenizer_config.json").read_text())
+        config.pop("chat_template", None)
+        (model / "tokenizer_config.json").write_text(json.dumps(config))
+    else:
+        (model / broken).unlink()
+    proc = run_offline("server_starlette.py", INFERENCE_MODEL_ID=str(model), INFERENCE_ENGINE_PROCESS=engine_process,
+                       INFERENCE_LOG_FILE=str(tmp_path / "log"), INFERENCE_SESSION_STORE="memory",
+                       INFERENCE_PORT=str(free_port()))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out and len(out.strip().splitlines()) <= 12, out
+    [error] = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert error.startswith(f"error: INFERENCE_MODEL_ID={str(model)!r}: {cause}"), out
