@@ -84,10 +84,11 @@ class Link:
         pending = self._pending[rid] = Pending(method, text, asyncio.get_running_loop().create_future())
         try:
             if self._connected.is_set():
-                await self._send(pending)
+                # A socket that closed before the reader noticed: the request stays pending, sent again on the
+                # resumed socket (or failed with ClientClosed when there is none).
+                with contextlib.suppress(ConnectionClosed):
+                    await self._send(pending)
             return await asyncio.wait_for(pending.future, self.timeout)
-        except ConnectionClosed as exc:
-            raise ClientClosed(f"the socket closed: {exc}") from None
         finally:
             self._pending.pop(rid, None)
 

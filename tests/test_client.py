@@ -309,6 +309,36 @@ def test_a_socket_closed_by_the_server_ends_every_wait(server):
     run(go(), timeout=15)
 
 
+def test_a_tool_call_across_a_dropped_socket_is_answered_once(server):
+    """The socket drops while a handler runs: its tool_result goes out on the resumed socket (a send that meets the
+    closed one is kept for it), the server asks for the still-unanswered calls again (same call_ids), and the
+    client answers from the reply it already made: the handler runs once and the answer completes."""
+    rt = server.state.runtime
+    ran: list[str] = []
+
+    async def go():
+        async with Client(server.url, timeout=10) as client:
+            session = await client.create_session()
+
+            @session.tool
+            async def get_weather(location: str) -> dict:
+                ran.append(location)
+                conn = rt.sessions.get(session.session_id).connection
+                server.server.loop.call_soon_threadsafe(conn.close, 1001, "going away")
+                await session._link._ws.wait_closed()
+                return {"location": location, "temperature": "15°C"}
+
+            gen = session.generate("what is the weather?")
+            events = [event async for event in gen]
+            calls = [e for e in events if isinstance(e, ToolCalls)]
+            assert isinstance(events[-1], End) and gen.finish_reason == "stop", events
+            assert ran == ["London"] and session.reconnects == 1 and len(calls) == 2  # asked twice, run once
+            assert calls and {c.call_id for e in calls for c in e.calls} == {calls[0].calls[0].call_id}
+            assert all(c.answered and c.result["temperature"] == "15°C" for e in calls for c in e.calls)
+            assert gen.final_text == 'Tool said: {"location": "London", "temperature": "15°C"}'
+    run(go(), timeout=30)
+
+
 def test_api_key_on_http_and_websocket(settings):
     with running_server(replace(settings, api_key="s3cret"), scripted_loader(respond)) as app:
         url = f"http://{app.base}"
