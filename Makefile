@@ -1,11 +1,13 @@
 # make serve  - create .venv, install, download Qwen2.5-14B-Instruct if no model is configured, serve on :8000
 # make test   - create .venv, install with test tools, run the tests (what CI runs)
+# make tiny-model / make demo-model - a local model for a CPU and no network: random weights in seconds /
+#               trained here in 2-4 min to call get_weather (then INFERENCE_MODEL_ID=models/demo make serve)
 # make cluster - Redis, 2 replicas (tiny model, CPU) and HAProxy on :8080 (scripts/cluster.py)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev serve test tiny-model bench bench-cpu cluster clean
+.PHONY: install install-dev serve test tiny-model demo-model bench bench-cpu cluster clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +52,9 @@ cluster: $(VENV)/.installed
 
 tiny-model: $(VENV)/.installed
 	$(BIN)/python scripts/make_tiny_model.py models/tiny
+
+demo-model: $(VENV)/.installed
+	$(BIN)/python scripts/make_demo_model.py models/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache

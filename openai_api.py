@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Coroutine
@@ -298,7 +299,7 @@ async def _chat_completions(request: Request, rt: Runtime) -> Response:
     message: dict[str, Any] = {"role": "assistant", "content": result.text or (None if result.calls else "")}
     if result.calls:
         message["tool_calls"] = tool_calls_of(result)
-    return JSONResponse({"id": completion_id, "object": "chat.completion", "created": created, "model": req.model,
+    return JSONResponse({"id": completion_id, "object": "chat.completion", "created": created, "model": rt.model.name,
                          "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(result),
                                       "logprobs": None}],
                          "usage": usage_of(usage)})
@@ -308,7 +309,7 @@ async def sse(rt: Runtime, req: ChatRequest, stream: Any, prefix: str, completio
               include_usage: bool) -> AsyncIterator[str]:
     """The stream as server-sent events; the engine request is aborted if the client goes away."""
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": req.model,
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": rt.model.name,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
         if include_usage:
             body.setdefault("usage", None)
@@ -329,7 +330,7 @@ async def sse(rt: Runtime, req: ChatRequest, stream: Any, prefix: str, completio
         yield chunk({"tool_calls": calls})
     yield chunk({}, finish_reason(result))
     if include_usage:
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": req.model,
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": rt.model.name,
                 "choices": [], "usage": usage_of(usage)}
         yield f"data: {json.dumps(body)}\n\n"
     yield "data: [DONE]\n\n"
@@ -361,7 +362,12 @@ async def unless_disconnected(request: Request, work: Coroutine[Any, Any, None])
 
 
 def served_names(rt: Runtime) -> set[str]:
-    return {rt.model.name, rt.settings.model_id}
+    """What a request's ``model`` may say: the served name (``/v1/models``), or the configured
+    ``INFERENCE_MODEL_ID`` (as written, normalised, or its last part: the directory name, which
+    ``INFERENCE_SERVED_MODEL_NAME`` replaces in ``/v1/models`` but not here)."""
+    model_id = rt.settings.model_id
+    aliases = {model_id, os.path.normpath(model_id), os.path.basename(os.path.normpath(model_id))}
+    return {rt.model.name} | (aliases - {"", ".", "/"})
 
 
 async def list_models(request: Request) -> Response:

@@ -309,14 +309,18 @@ def create_app(settings: Settings | None = None, *,
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         setup_logging(settings)
-        if engine_in_own_process(settings, loader):
-            client = EngineProcess(settings, loader)
-            loaded = await client.start()  # loads the model there, captures the decode graphs (CUDA) before /ready
-            rt = build_runtime(settings, loaded, client)
-        else:
-            loaded = await asyncio.to_thread(loader, settings)
-            rt = build_runtime(settings, loaded)
-            await rt.engine.start()  # captures the decode graphs (CUDA) before /ready
+        try:
+            if engine_in_own_process(settings, loader):
+                client = EngineProcess(settings, loader)
+                loaded = await client.start()  # loads the model there, captures the decode graphs (CUDA) first
+                rt = build_runtime(settings, loaded, client)
+            else:
+                loaded = await asyncio.to_thread(loader, settings)
+                rt = build_runtime(settings, loaded)
+                await rt.engine.start()  # captures the decode graphs (CUDA) before /ready
+        except ConfigError as exc:  # the model cannot be had, a bad setting: main() says so in one message
+            app.state.startup_error = exc
+            raise
         app.state.runtime = rt
         app.state.loop = asyncio.get_running_loop()
         app.state.dispatcher = Dispatcher(METHODS, observe=rt.metrics.count, max_batch=settings.rpc_max_batch,
@@ -379,6 +383,26 @@ def make_server_class() -> type:
     return DrainingServer
 
 
+class QuietConfigErrors:
+    """ASGI middleware for ``main()``: a start-up that fails with a ConfigError (raised in the engine process or
+    here: the model cannot be had, a setting is wrong) is reported by ``main()`` as one message, so uvicorn's
+    log gets no traceback of it. Any other start-up failure keeps its traceback."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+
+        async def send_quietly(message: Any) -> None:
+            if message["type"] == "lifespan.startup.failed" \
+                    and isinstance(getattr(scope["app"].state, "startup_error", None), ConfigError):
+                message = {**message, "message": ""}
+            await send(message)
+        return await self.app(scope, receive, send_quietly)
+
+
 def main() -> None:
     import uvicorn
 
@@ -389,9 +413,16 @@ def main() -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     setup_logging(settings)
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                            **uvicorn_options(settings))
-    make_server_class()(config).run()
+    app = create_app(settings)
+    app.add_middleware(QuietConfigErrors)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, **uvicorn_options(settings))
+    try:
+        make_server_class()(config).run()
+    except SystemExit:  # uvicorn's exit when start-up failed
+        if isinstance(error := getattr(app.state, "startup_error", None), ConfigError):
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

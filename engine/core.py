@@ -378,11 +378,14 @@ class Engine:
 
     def _append(self, req: Request, token: int) -> None:
         params = req.params
+        stop = token in params.stop_token_ids
         # A matcher fails when its mask could not be computed (a lexer limit) or refuses what its mask allowed.
-        if req.matcher is not None and (req.matcher.error or not req.matcher.accept(token)):
+        # With ignore_eos a stop token is output like any other and the grammar never sees it (it would end there).
+        if req.matcher is not None and not (stop and params.ignore_eos) \
+                and (req.matcher.error or not req.matcher.accept(token)):
             self._finish(req, FinishReason.ERROR, error=f"structured output failed: {req.matcher.error}")
             return
-        if token in params.stop_token_ids and not params.ignore_eos:
+        if stop and not params.ignore_eos:
             self._finish(req, FinishReason.STOP, completion=req.num_output_tokens + 1)
             return
         req.tokens.append(token)

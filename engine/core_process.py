@@ -94,7 +94,10 @@ def main(sock: socket.socket, settings: Any, loader: Callable[[Any], Any]) -> No
         engine = Engine(loaded.paged_model, engine_config(settings, loaded))
         engine.start()
     except BaseException as exc:  # the front end reports it (a ConfigError names the setting)
-        log.exception("the engine could not start")
+        if type(exc).__name__ == "ConfigError":  # the message is the whole story: no traceback
+            log.debug("the engine could not start: %s", exc)
+        else:
+            log.exception("the engine could not start")
         sock.sendall(pickled_frame(EngineStartFailed(type(exc).__name__, str(exc))))
         return
     clock = _thread_clock(engine._thread)

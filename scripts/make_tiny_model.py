@@ -31,7 +31,7 @@ import json
 import os
 import pathlib
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # heavy imports stay lazy so ``--help`` is instant
@@ -222,12 +222,14 @@ def _qwen2_backend(
     return tokenizer
 
 
-def train_tokenizer(vocab_target: int = 1024, corpus: Iterable[str] | None = None) -> Tokenizer:
+def train_tokenizer(vocab_target: int = 1024, corpus: Iterable[str] | None = None,
+                    keep_merge: Callable[[str, str], bool] | None = None) -> Tokenizer:
     """Train a Qwen2-style byte-level BPE ``tokenizers.Tokenizer`` of about ``vocab_target`` tokens.
 
     ``vocab_target`` counts the added tokens too, so ``tokenizer.get_vocab_size()``
     (with added tokens) equals ``vocab_target`` when the corpus holds enough
-    merges.  ``corpus`` defaults to :func:`iter_training_corpus`, sized to
+    merges.  ``keep_merge(left, right)`` may drop learned merges (the
+    vocabulary keeps its ids).  ``corpus`` defaults to :func:`iter_training_corpus`, sized to
     the target.  The added tokens follow the BPE vocabulary in Qwen2.5's order.
     """
     from tokenizers import AddedToken, pre_tokenizers, processors, trainers
@@ -258,6 +260,8 @@ def train_tokenizer(vocab_target: int = 1024, corpus: Iterable[str] | None = Non
     trained = json.loads(scratch.to_str())
     vocab: dict[str, int] = trained["model"]["vocab"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["model"]["merges"]]
+    if keep_merge is not None:  # tokens a dropped merge would have made stay in the vocabulary, unreachable
+        merges = [m for m in merges if keep_merge(*m)]
     tokenizer = _qwen2_backend(vocab, merges)
     # As in the real Qwen2.5 tokenizer.json (ids are unaffected).
     tokenizer.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)

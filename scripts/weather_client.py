@@ -1,6 +1,6 @@
 """The seed's weather example, end to end: a runnable client for the WebSocket JSON-RPC protocol.
 
-    python scripts/weather_client.py [--url http://localhost:8000] [--message "What is the weather like in London?"]
+    .venv/bin/python scripts/weather_client.py [--url http://localhost:8000] [--message "What is the weather like in London?"]
 
 It registers a ``get_weather`` tool, asks the question, answers the model's ``function_call_request``
 with a local stand-in implementation, and prints the streamed answer.
@@ -21,7 +21,7 @@ GET_WEATHER = {
     "description": "Get the current weather for a city.",
     "parameters": {
         "type": "object",
-        "properties": {"location": {"type": "string", "description": "City name, e.g. London"},
+        "properties": {"location": {"type": "string", "description": "City name"},
                        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
         "required": ["location"],
     },

@@ -1,10 +1,11 @@
-"""The Python client (``inference_client.py``) against the real server with the scripted model: events, tool
+"""The Python client (``inference_client/``) against the real server with the scripted model: events, tool
 handlers, manual tool results, cancel, errors, reconnect, concurrency, auth, and the terminal chat run as a
 subprocess (stdin lines in, streamed answer out, Ctrl-C)."""
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -308,6 +309,36 @@ def test_a_socket_closed_by_the_server_ends_every_wait(server):
     run(go(), timeout=15)
 
 
+def test_a_tool_call_across_a_dropped_socket_is_answered_once(server):
+    """The socket drops while a handler runs: its tool_result goes out on the resumed socket (a send that meets the
+    closed one is kept for it), the server asks for the still-unanswered calls again (same call_ids), and the
+    client answers from the reply it already made: the handler runs once and the answer completes."""
+    rt = server.state.runtime
+    ran: list[str] = []
+
+    async def go():
+        async with Client(server.url, timeout=10) as client:
+            session = await client.create_session()
+
+            @session.tool
+            async def get_weather(location: str) -> dict:
+                ran.append(location)
+                conn = rt.sessions.get(session.session_id).connection
+                server.server.loop.call_soon_threadsafe(conn.close, 1001, "going away")
+                await session._link._ws.wait_closed()
+                return {"location": location, "temperature": "15°C"}
+
+            gen = session.generate("what is the weather?")
+            events = [event async for event in gen]
+            calls = [e for e in events if isinstance(e, ToolCalls)]
+            assert isinstance(events[-1], End) and gen.finish_reason == "stop", events
+            assert ran == ["London"] and session.reconnects == 1 and len(calls) == 2  # asked twice, run once
+            assert calls and {c.call_id for e in calls for c in e.calls} == {calls[0].calls[0].call_id}
+            assert all(c.answered and c.result["temperature"] == "15°C" for e in calls for c in e.calls)
+            assert gen.final_text == 'Tool said: {"location": "London", "temperature": "15°C"}'
+    run(go(), timeout=30)
+
+
 def test_api_key_on_http_and_websocket(settings):
     with running_server(replace(settings, api_key="s3cret"), scripted_loader(respond)) as app:
         url = f"http://{app.base}"
@@ -335,11 +366,14 @@ def test_cli_streams_answers_and_answers_tool_calls(server, tmp_path):
     tools.write_text(json.dumps([{**Tool.from_function(get_weather).definition(), "result": {"sky": "blue"}},
                                  TIME_TOOL]))
     stdin = "What is the weather in London?\nwhat time is it\n\"12:00\"\n\nhello\n"
-    proc = subprocess.run([sys.executable, "inference_client.py", "--url", server.url, "--tools", str(tools),
+    proc = subprocess.run([sys.executable, "-m", "inference_client", "--url", server.url, "--tools", str(tools),
                            "--max-new-tokens", "100"], input=stdin, capture_output=True, text=True, timeout=30,
                           cwd=REPO_ROOT, check=False)
     assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+    banner, out = proc.stdout.split("\n", 1)
+    assert re.fullmatch(rf"Connected to {re.escape(server.url)}: model model \(cpu, (float32|bfloat16), the CPU "
+                        r"fallback\), session [0-9a-f-]{36}, tools: get_weather, get_time\. "
+                        r"Ctrl-C cancels an answer; Ctrl-D or Ctrl-C at the prompt quits\.", banner), banner
     assert out == ('> [tool] get_weather({"location": "London"}) -> {"sky": "blue"}\nTool said: {"sky": "blue"}\n'
                    "> [tool] get_time({})\nresult of get_time (JSON)> Tool said: 12:00\n"
                    "> > You said: hello\n> \n")
@@ -372,3 +406,16 @@ def test_cli_ctrl_c_cancels_the_answer_and_returns_to_the_prompt(server):
                 await proc.wait()
     out = run(go())
     assert out.index("once upon a time") < out.index("[cancelled]") < out.index("You said: hello")
+
+
+def test_banner_names_the_model_and_strips_terminal_escapes():
+    from inference_client.chat import banner
+
+    class FakeSession:
+        session_id = "s-1"
+
+    line = banner("http://h:1", {"id": "evil\x1b[2J\x07name", "device": "cuda", "quantization": "nf4"},
+                  FakeSession(), [])  # type: ignore[arg-type]
+    assert line == ("Connected to http://h:1: model evil[2Jname (cuda, nf4), session s-1, tools: none. "
+                    "Ctrl-C cancels an answer; Ctrl-D or Ctrl-C at the prompt quits.\n")
+    assert banner("http://h:1", {}, FakeSession(), []).startswith("Connected to http://h:1: model unknown model, ")

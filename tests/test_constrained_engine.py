@@ -235,3 +235,39 @@ class _Watched:
     def __getitem__(self, index):
         self.log.append(index)
         return self.tensor[index]
+
+
+class _AlwaysStops:
+    """The tiny model, except that every step's logits force the end-of-turn token."""
+
+    def __init__(self, model: PagedQwen2, stop: int) -> None:
+        self.model, self.stop = model, stop
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def forward(self, input_ids, positions, meta):
+        logits = self.model.forward(input_ids, positions, meta).clone()  # (an inference tensor: read-only here)
+        logits[:, self.stop] = 1e4
+        return logits
+
+
+def test_ignore_eos_runs_a_constrained_row_on_to_max_new_tokens(tiny_hf_model, grammar_compiler, tiny_tokenizer,
+                                                                 stops):
+    """ignore_eos (the playground's "Long answer", benchmarks): a stop token the grammar allows does not end the
+    row, and the grammar never sees it (it would end there): the row runs to max_new_tokens. Without ignore_eos
+    the same stop token ends it."""
+    im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eng = Engine(_AlwaysStops(PagedQwen2(tiny_hf_model), im_end),
+                 EngineConfig(block_size=16, prefill_chunk=1024, max_running=4, max_context=4096, num_blocks=64))
+    eng.start()
+    try:
+        grammar = grammar_compiler.compile(TOOLS[:1], ToolChoice("auto"), ResponseFormat())
+        ids = chat_prompt(tiny_tokenizer, "Tell me a long story.", TOOLS[:1])
+        long, short = run_all(eng, [
+            (ids, SamplingParams(max_new_tokens=20, stop_token_ids=stops, grammar=grammar, ignore_eos=True)),
+            (ids, SamplingParams(max_new_tokens=20, stop_token_ids=stops, grammar=grammar))])
+    finally:
+        eng.stop(timeout=10)
+    assert long.final.finish_reason is FinishReason.LENGTH and long.tokens == [im_end] * 20
+    assert short.final.finish_reason is FinishReason.STOP and short.tokens == []

@@ -154,6 +154,18 @@ def test_errors_in_openai_shape(client, kwargs, status, fragment):
     assert fragment in info.value.body["message"] and "type" in info.value.body
 
 
+def test_the_model_answers_to_its_aliases(client, tiny_model_dir):
+    """The served name, and the configured INFERENCE_MODEL_ID: as written, normalised, or its directory's name
+    (here hidden from /v1/models by INFERENCE_SERVED_MODEL_NAME); responses always give the served name."""
+    messages = [{"role": "user", "content": "hi"}]
+    for alias in ("qwen-test", str(tiny_model_dir), tiny_model_dir.name):
+        r = client.chat.completions.create(model=alias, messages=messages, max_tokens=8)
+        assert r.model == "qwen-test", alias
+    for other in (f"{tiny_model_dir.name}x", tiny_model_dir.parent.name, f"{tiny_model_dir}/..", "", "/", "."):
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model=other, messages=messages, max_tokens=8)
+
+
 def test_auth_size_and_rate_errors(server, tiny_model_dir, tmp_path):
     bad = OpenAI(base_url=f"http://{server.base}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):

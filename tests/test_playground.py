@@ -3,11 +3,13 @@
 Debian's ``/usr/bin/chromium`` driven by Playwright's Python package (never ``playwright install``: its own
 browser download fails offline). Without either, every test here skips with the reason; ``scripts/
 install_browser.sh`` installs both. The model is the scripted double, so the page sees exact replies.
-Set ``PLAYGROUND_SCREENSHOT=/some/path.png`` to keep the screenshot (else it lands in pytest's tmp_path).
+Screenshots (the desktop page after a session, and a 390-px phone) are kept as test artifacts in
+``out/playground/`` at the repository root (git-ignored), or in ``$PLAYGROUND_SCREENSHOT_DIR``.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import replace
@@ -16,6 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from conftest import REPO_ROOT
 from shared import Settings
 from support import running_server, scripted_loader
 
@@ -28,6 +31,14 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 API_KEY = "playground-test-key-0123456789"
 TIMEOUT_MS = 15_000
+PHONE = {"width": 390, "height": 844}  # a 390-px wide phone (iPhone 12-15), portrait
+
+
+def screenshot_path(name: str) -> str:
+    """Where a screenshot is kept after the run (a test artifact; ``out/`` is git-ignored)."""
+    folder = os.environ.get("PLAYGROUND_SCREENSHOT_DIR") or str(REPO_ROOT / "out" / "playground")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, name)
 
 WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"location": "London"}}\n</tool_call>'
 HELLO = "Hello! This answer streams in word by word, one token at a time. The end."
@@ -87,14 +98,15 @@ def server(browser, base_settings):  # `browser` first, so a skip costs no model
     holder: dict = {}
     with running_server(base_settings, scripted_loader(respond, step_delay=0.01, holder=holder)) as app:
         app.model = holder["model"]
+        app.model_name = os.path.basename(base_settings.model_id)
         yield app
 
 
 class Page:
     """A browser tab on the playground that records every request it makes and every script error."""
 
-    def __init__(self, browser: Any, app: Any) -> None:
-        self.context = browser.new_context(viewport={"width": 1280, "height": 900})
+    def __init__(self, browser: Any, app: Any, viewport: dict[str, int] | None = None) -> None:
+        self.context = browser.new_context(viewport=viewport or {"width": 1280, "height": 900})
         self.page = self.context.new_page()
         self.requests: list[Any] = []
         self.sockets: list[str] = []
@@ -152,11 +164,19 @@ def stat(turn: Any, name: str) -> str:
     return turn.get_by_test_id(f"stat-{name}").locator(".stat-value").inner_text()
 
 
-def test_chat_tool_call_and_cancel(tab: Page, server, tmp_path) -> None:
+def test_chat_tool_call_and_cancel(tab: Page, server) -> None:
     from playwright.sync_api import expect
 
     page = tab.page
-    expect(page).to_have_title("Qwen2.5 playground")
+    expect(page).to_have_title(re.compile("Qwen2.5 playground"))
+    # The header names the served model (the tiny model's directory) and says it is the CPU fallback.
+    expect(tab.by("model-id")).to_have_text(server.model_name)
+    expect(tab.by("cpu-fallback")).to_have_text("CPU fallback")
+    expect(tab.by("cpu-fallback")).to_have_attribute("title", re.compile("no CUDA GPU"))
+    # The empty transcript says what to do; the composer says a session comes first.
+    expect(tab.by("empty-hint")).to_be_visible()
+    expect(tab.by("empty-hint")).to_contain_text("Create session")
+    expect(tab.by("message")).to_have_attribute("placeholder", re.compile("Create a session first"))
 
     # Tools are checked as JSON before anything is sent; the server's 4xx details are shown.
     tools = tab.by("tools-json").input_value()
@@ -169,6 +189,10 @@ def test_chat_tool_call_and_cancel(tab: Page, server, tmp_path) -> None:
     expect(tab.by("error").last).to_contain_text("tools.0.name")
     tab.by("tools-json").fill(tools)  # the default: get_weather
     tab.create_session()
+    expect(tab.by("message")).to_have_attribute("placeholder", re.compile("Enter sends"))
+    session_id = tab.by("session-id").inner_text().removeprefix("session ")
+    assert len(session_id) == 36 and page.inner_text("body").count(session_id) == 1  # shown once
+    expect(tab.by("note").last).to_have_text("New session with 1 tool(s): get_weather.")
 
     # A streamed answer: record the answer's length at every DOM change to see it grow chunk by chunk.
     page.evaluate("""() => {
@@ -179,6 +203,7 @@ def test_chat_tool_call_and_cancel(tab: Page, server, tmp_path) -> None:
         }).observe(document.getElementById('transcript'), {childList: true, subtree: true, characterData: true});
     }""")
     turn = tab.send("hello there")
+    expect(tab.by("empty-hint")).to_be_hidden()
     expect(turn.get_by_test_id("stat-finish")).to_have_text("stop")
     expect(turn.get_by_test_id("answer")).to_have_text(HELLO)
     lengths = page.evaluate("window.__lengths")
@@ -220,6 +245,21 @@ def test_chat_tool_call_and_cancel(tab: Page, server, tmp_path) -> None:
     expect(tab.by("send")).to_be_enabled()
     expect(tab.by("cancel")).to_be_disabled()
 
+    # "Long answer" (ignore_eos): a short reply runs on to max_new_tokens; then one long enough to cancel.
+    tab.by("ignore-eos").check()
+    tab.by("max-new-tokens").fill("40")
+    turn = tab.send("hello, at length")
+    expect(turn.get_by_test_id("stat-finish")).to_have_text("length")
+    assert int(stat(turn, "completion")) == 40
+    tab.by("max-new-tokens").fill("5000")
+    turn = tab.send("hello, at great length")
+    expect(turn.get_by_test_id("answer")).to_contain_text(HELLO)  # the reply is out; generation goes on
+    expect(tab.by("cancel")).to_be_enabled()
+    tab.by("cancel").click()
+    expect(turn.get_by_test_id("stat-finish")).to_have_text("cancelled")
+    tab.by("ignore-eos").uncheck()
+    tab.by("max-new-tokens").fill("512")
+
     # A JSON-RPC error response (max_new_tokens above the server's cap) shows in the transcript.
     tab.by("max-new-tokens").fill("100000")
     tab.by("message").fill("hi")
@@ -242,7 +282,7 @@ def test_chat_tool_call_and_cancel(tab: Page, server, tmp_path) -> None:
     expect(turn.get_by_test_id("answer")).to_contain_text(MARKUP)
     assert page.locator("#injected").count() == 0 and page.evaluate("window.__xss") is None
 
-    shot = os.environ.get("PLAYGROUND_SCREENSHOT") or str(tmp_path / "playground.png")
+    shot = screenshot_path("desktop.png")
     page.screenshot(path=shot, full_page=True)
     print(f"playground screenshot: {shot}")
 
@@ -314,3 +354,35 @@ def test_api_key_uses_a_ticket_for_the_socket(browser, base_settings) -> None:
             assert tab.external_requests() == [] and tab.script_errors == []
         finally:
             tab.close()
+
+
+def in_view(locator: Any, viewport: dict[str, int]) -> bool:
+    """The element is on screen without scrolling the page: its whole box inside the viewport."""
+    box = locator.bounding_box()
+    return box is not None and box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= viewport["width"] \
+        and box["y"] + box["height"] <= viewport["height"]
+
+
+def test_phone_layout_390px(browser, server) -> None:
+    """On a 390-px phone the model name, the hint, Create session, the message box and Send are all on the
+    first screen, nothing is wider than the screen, and a whole exchange works there."""
+    from playwright.sync_api import expect
+
+    tab = Page(browser, server, viewport=PHONE)
+    try:
+        expect(tab.by("model-id")).to_have_text(server.model_name)
+        expect(tab.by("empty-hint")).to_be_visible()
+        for testid in ("model-name", "create-session", "empty-hint", "message", "send", "cancel"):
+            assert in_view(tab.by(testid), PHONE), testid
+        assert tab.page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        tab.create_session()
+        turn = tab.send("hello from a phone")
+        expect(turn.get_by_test_id("answer")).to_have_text(HELLO)
+        assert in_view(tab.by("send"), PHONE) and in_view(turn.get_by_test_id("answer"), PHONE)
+        assert tab.page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        shot = screenshot_path("phone-390px.png")
+        tab.page.screenshot(path=shot)
+        print(f"playground screenshot (390 px): {shot}")
+        assert tab.external_requests() == [] and tab.script_errors == []
+    finally:
+        tab.close()

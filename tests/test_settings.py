@@ -67,7 +67,7 @@ def test_missing_model_directory_names_the_download_script(tmp_path):
     with pytest.raises(ConfigError) as info:
         check_model_source(Settings(model_id=str(tmp_path / "nope")))
     assert "scripts/download_14b_model.py" in str(info.value) and "INFERENCE_MODEL_ID" in str(info.value)
-    check_model_source(Settings(model_id="Qwen/Qwen2.5-14B-Instruct"))  # a hub id is downloaded, not checked
+    assert "make tiny-model" in str(info.value)  # and the way without network
 
 
 def test_env_example_and_readme_document_every_variable():
