@@ -15,6 +15,14 @@ import pytest
 from conftest import REPO_ROOT
 
 
+OFFLINE = ("Failed to establish a new connection", "Name or service not known", "Temporary failure in name resolution",
+           "Network is unreachable", "(from versions: none)")  # offline, pip finds no version at all
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
 def load_checker():
     spec = importlib.util.spec_from_file_location("check_gpu_imports", REPO_ROOT / "scripts" / "check_gpu_imports.py")
     module = importlib.util.module_from_spec(spec)
@@ -74,12 +82,15 @@ def test_carried_wheels_pin_what_ci_tests_and_satisfy_each_other():
 @pytest.mark.slow
 def test_fetched_wheels_alone_import_everything_the_gpu_scripts_import(tmp_path):
     """Fetch the wheels (for this Python), install them with --no-deps into an empty target as gpu_check.sh does,
-    and import every GPU script's modules with nothing but that target and the image's packages on the path."""
+    and import every GPU script's modules with nothing but that target and the image's packages on the path.
+    It needs PyPI: offline it skips, except under CI (CI=true), which reaches PyPI and must run it."""
     wheels, site, image = tmp_path / "whl", tmp_path / "site", tmp_path / "image"
     env = {**os.environ, "PY_VERSION": f"{sys.version_info.major}.{sys.version_info.minor}",
            "WHEEL_DIR": str(wheels), "PYTHON": sys.executable}
     fetched = subprocess.run(["bash", "scripts/fetch_wheels.sh"], cwd=REPO_ROOT, env=env, capture_output=True,
                              text=True, timeout=600)
+    if fetched.returncode and not in_ci() and any(s in fetched.stderr for s in OFFLINE):
+        pytest.skip("PyPI is not reachable from here (CI, which reaches it, runs this test)")
     assert fetched.returncode == 0, fetched.stderr[-2000:]
     files = sorted(str(p) for p in wheels.glob("*.whl"))
     assert len(files) == len(load_checker().carried())
