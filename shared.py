@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # heavy imports happen inside load_model, never at import tim
     from sessions import SessionRegistry
 
 log = logging.getLogger("inference")
-DOWNLOAD_HINT = "python scripts/download_14b_model.py"
+DOWNLOAD_HINT = ".venv/bin/python scripts/download_14b_model.py"
 
 
 class ConfigError(Exception):
