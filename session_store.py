@@ -120,6 +120,7 @@ class SessionStore:
         self.on_write: Callable[[float], None] | None = None  # observes each write's latency (metrics)
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Any] | None] = queue.SimpleQueue()
         self._written: dict[str, tuple[int, int]] = {}  # worker only: (messages, bytes) stored per session
+        self._unsaved: dict[str, SessionRecord] = {}  # worker only: each session's latest write that failed
         self._thread = threading.Thread(target=self._work, name="session-store", daemon=True)
         self._thread.start()
 
@@ -151,6 +152,8 @@ class SessionStore:
             except Exception as exc:  # noqa: BLE001 - reported to the caller and in status()
                 result = exc
             done(result)
+            if self._unsaved and self.error is None:
+                self._retry_unsaved()
 
     def _ping(self) -> None:
         try:
@@ -160,6 +163,25 @@ class SessionStore:
             return
         log.warning("session store %s is reachable again", self.name)
         self.error = None
+        self._retry_unsaved()
+
+    def _retry_unsaved(self) -> None:
+        """The store works again: write each session whose latest write failed (whole), so that the stored copy
+        is not left behind (a session that went quiet would otherwise keep it until a restart loads it)."""
+        if not self._unsaved:
+            return
+        for sid, record in list(self._unsaved.items()):
+            try:
+                self._write(record, 0)
+            except SessionTooLarge:
+                pass
+            except Exception as exc:  # noqa: BLE001
+                self._failed(f"write of session {sid} (retried)", exc)
+                return
+            if self._unsaved.get(sid) is record:
+                del self._unsaved[sid]
+        if not self._unsaved:
+            log.info("session store %s: the writes that failed are stored now", self.name)
 
     def _submit(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
         """Run ``fn`` on the worker; the future gets its result, or the exception it raised (as the result
@@ -206,9 +228,12 @@ class SessionStore:
                 self._write(record, start)
             except SessionTooLarge as exc:
                 log.warning("%s; not stored", exc)
+                self._unsaved.pop(record.session_id, None)
                 return exc
             except Exception as exc:  # noqa: BLE001
+                self._unsaved[record.session_id] = record  # written again when the store is back
                 return self._failed(f"write of session {record.session_id}", exc)
+            self._unsaved.pop(record.session_id, None)
             self._ok()
             elapsed = time.perf_counter() - queued
             self.write_seconds.append(elapsed)
@@ -263,6 +288,7 @@ class SessionStore:
     def delete(self, session_id: str) -> asyncio.Future[Any]:
         def delete() -> Any:
             self._written.pop(session_id, None)
+            self._unsaved.pop(session_id, None)
             try:
                 self.backend.delete(session_id)
             except Exception as exc:  # noqa: BLE001
@@ -289,6 +315,7 @@ class SessionStore:
                 return self._failed("expiry", exc)
             for session_id in gone:
                 self._written.pop(session_id, None)
+                self._unsaved.pop(session_id, None)
             return gone
         result = await self._submit(expire)
         return [] if isinstance(result, BaseException) else result

@@ -273,3 +273,33 @@ def test_sqlite_backend_direct_contract(tmp_path):
     stored = db.read("a")
     assert (stored.messages, stored.version) == (["m0", "m1"], 1)
     db.close()
+
+
+def test_a_write_that_failed_during_an_outage_lands_once_the_store_is_back(tmp_path):
+    """Redis restarts (with its data) mid-run: the write made while it was down failed (reported), and the session
+    then went quiet. Once Redis is back the store must hold that write, not the older copy: otherwise a restart or
+    a failover later loads the stale copy (here: a task still marked running, which would be rolled back although
+    its client got its answer)."""
+    async def go(server: Redis):
+        store = SessionStore.open(server.url, max_bytes=MiB, idle_s=60)
+        running = record("o1", 2, version=1, task={"task_id": "task-1", "base": 1})
+        assert await store.save(running, 0) is None
+        store.backend.client.save()  # on disk: the restart below brings this copy back
+        server.stop()
+        ended = record("o1", 3, version=2)  # the task's end: one more message, no running task
+        assert isinstance(await store.save(ended, 2), StoreError)
+        server.start()
+        deadline = time.monotonic() + 15
+        while not store.status()["ok"] or store.status()["queued"]:
+            assert time.monotonic() < deadline, store.status()
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.3)
+        back = await store.load("o1")
+        assert (back.version, back.task, len(back.messages)) == (2, None, 3)
+        await store.close()
+
+    server = Redis(tmp_path / "redis").start()
+    try:
+        run(go(server))
+    finally:
+        server.stop()
