@@ -66,7 +66,7 @@ class SessionRecord:
                          tools=list(meta["tools"]), messages=messages, created_at=float(meta["created_at"]),
                          updated_at=float(meta["updated_at"]), seq=int(meta.get("seq", 0)),
                          task=meta.get("task"), version=int(stored.version))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # (JSON nested past the parser's limit)
             raise BadRecord(f"session {session_id}: malformed record ({exc.__class__.__name__}: {exc})") from None
         problem = _shape_problem(record)
         if problem:

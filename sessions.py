@@ -12,10 +12,10 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from jsonrpc import RpcError
+from jsonrpc import RpcError, clip
 from models import ErrorCode, ToolDefinition
 from resume import ReplayBuffer
-from session_store import SessionRecord, SessionStore, SessionTooLarge, StoreError
+from session_store import BadRecord, SessionRecord, SessionStore, SessionTooLarge, StoreError
 from tasks import Session, Task
 from workers import off_loop
 
@@ -110,7 +110,10 @@ class SessionRegistry:
         record = await self.store.load(session_id)
         if record is None or (session := self.sessions.get(session_id)) is not None:
             return session
-        tools = await off_loop(lambda: [ToolDefinition.model_validate(t) for t in record.tools])
+        try:
+            tools = await off_loop(lambda: [ToolDefinition.model_validate(t) for t in record.tools])
+        except (ValueError, RecursionError) as exc:  # (pydantic's ValidationError is a ValueError)
+            raise BadRecord(f"session {session_id}: malformed record (a stored tool: {clip(str(exc), 300)})") from None
         session = self._add(from_record(record, tools))
         log.info("session %s loaded from the store: %d messages", session_id, len(session.messages))
         if record.task is not None:

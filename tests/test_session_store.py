@@ -303,3 +303,32 @@ def test_a_write_that_failed_during_an_outage_lands_once_the_store_is_back(tmp_p
         run(go(server))
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("tamper", ["tool", "nested", "not_text"])
+def test_a_tampered_row_is_refused_cleanly_and_the_store_stays_healthy(tmp_path, tamper):
+    """A stored row someone edited (an invalid tool, JSON nested past the parser's recursion limit, a message that
+    is not text) is a bad record: attaching it raises BadRecord (a StoreError: the handshake is refused with a
+    status), never another exception, and it does not mark the store as failing (/ready, the proxy's check)."""
+    from sessions import SessionRegistry
+
+    async def go():
+        store = SessionStore.open(f"sqlite:///{tmp_path}/t.db", max_bytes=MiB, idle_s=3600)
+        rec = record("t1", 2)
+        assert await store.save(rec, 0) is None
+        db = store.backend._conn()
+        if tamper == "tool":
+            meta = json.loads(db.execute("SELECT meta FROM sessions").fetchone()[0])
+            meta["tools"] = [{"name": "bad name!", "parameters": {"type": "string"}}]
+            db.execute("UPDATE sessions SET meta = ?", (json.dumps(meta),))
+        elif tamper == "nested":
+            db.execute("UPDATE messages SET body = ? WHERE idx = 0", ("[" * 100_000 + "]" * 100_000,))
+        else:
+            db.execute("UPDATE messages SET body = ? WHERE idx = 0", (b"\xff{\xfe",))
+        registry = SessionRegistry(store, max_sessions=10, idle_timeout_s=3600)
+        with pytest.raises(BadRecord):
+            await registry.attach("t1")
+        assert store.status()["ok"], store.status()
+        assert registry.get("t1") is None and len(registry) == 0
+        await store.close()
+    run(go())
