@@ -90,6 +90,8 @@ class SessionRegistry:
 
     async def _attach(self, session_id: str) -> Session | None:
         session = self.sessions.get(session_id)
+        if session is not None:
+            session.touch()  # in use from now on: idle expiry must not remove it during the awaits below
         if session is not None and self.store.shared and session.active_task is None and session.connection is None:
             # Another replica may have served it meanwhile (while this one was unreachable): its copy wins.
             try:

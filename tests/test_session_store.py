@@ -332,3 +332,25 @@ def test_a_tampered_row_is_refused_cleanly_and_the_store_stays_healthy(tmp_path,
         assert registry.get("t1") is None and len(registry) == 0
         await store.close()
     run(go())
+
+
+def test_a_session_being_attached_is_not_expired_under_the_socket(redis_url):
+    """A client comes back just as its session reaches the idle timeout. While the replica checks the shared
+    store's version (an await), idle expiry runs: it must not remove the session being attached, or the socket is
+    handed a session the registry no longer holds (uncounted, and loaded a second time by the next socket)."""
+    from sessions import SessionRegistry
+
+    async def go():
+        store = SessionStore.open(redis_url, max_bytes=MiB, idle_s=60)
+        registry = SessionRegistry(store, max_sessions=10, idle_timeout_s=60)
+        session = registry.create([], owner="key-1")
+        assert await session.save() is None
+        session.last_active -= 61  # idle for just over the timeout
+        attaching = asyncio.create_task(registry.attach(session.session_id))
+        await asyncio.sleep(0)  # the attach now waits for the store's answer
+        registry.expire_idle()
+        attached = await attaching
+        assert attached is not None and registry.get(session.session_id) is attached
+        assert await store.load(session.session_id) is not None
+        await store.close()
+    run(go())
