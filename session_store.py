@@ -138,6 +138,10 @@ class SessionStore:
 
     # ---- the worker ------------------------------------------------------------------------------------------
     def _work(self) -> None:
+        try:  # at once: a store that is not there at start shows in /ready (and the log) before any request
+            self.backend.ping()
+        except Exception as exc:  # noqa: BLE001
+            self._failed("connection", exc)
         while True:
             try:
                 job = self._jobs.get(timeout=RETRY_PING_S if self.error else None)
