@@ -266,7 +266,10 @@ class SessionStore:
     async def load(self, session_id: str) -> SessionRecord | None:
         """The stored session, or None. Raises StoreError when the store fails or the record is unusable."""
         def read() -> SessionRecord | None:
-            stored = self.backend.read(session_id)
+            try:
+                stored = self.backend.read(session_id)
+            except (ValueError, TypeError) as exc:  # the store answered, with something that is not a session
+                raise BadRecord(f"session {session_id}: malformed record ({exc.__class__.__name__}: {exc})") from None
             if stored is None:
                 return None
             record = SessionRecord.from_stored(session_id, stored, self.max_bytes)

@@ -354,3 +354,18 @@ def test_a_session_being_attached_is_not_expired_under_the_socket(redis_url):
         assert await store.load(session.session_id) is not None
         await store.close()
     run(go())
+
+
+def test_a_tampered_redis_hash_is_a_bad_record_not_an_outage(redis_url):
+    """The Redis side of the same: a version or length that is not a number, a meta that is not UTF-8."""
+    async def go():
+        store = SessionStore.open(redis_url, max_bytes=MiB, idle_s=60)
+        for field_, value in (("version", "x"), ("length", "many"), ("meta", b"\xff\xfe")):
+            sid = f"h-{os.urandom(6).hex()}"
+            assert await store.save(record(sid, 2), 0) is None
+            store.backend.client.hset(RedisBackend.keys(sid)[0], field_, value)
+            with pytest.raises(BadRecord):
+                await store.load(sid)
+            assert store.status()["ok"], (field_, store.status())
+        await store.close()
+    run(go())
