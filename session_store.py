@@ -292,12 +292,14 @@ class SessionStore:
         self._ok()
         return result
 
-    def delete(self, session_id: str) -> asyncio.Future[Any]:
+    def delete(self, session_id: str, version: int | None = None) -> asyncio.Future[Any]:
+        """Delete a stored session; with ``version``, only if the store still holds that version (on a shared
+        store, another replica may have taken the session over since: its copy is not this one's to delete)."""
         def delete() -> Any:
             self._written.pop(session_id, None)
             self._unsaved.pop(session_id, None)
             try:
-                self.backend.delete(session_id)
+                self.backend.delete(session_id, version)
             except Exception as exc:  # noqa: BLE001
                 return self._failed(f"delete of session {session_id}", exc)
             return None

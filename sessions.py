@@ -120,6 +120,8 @@ class SessionRegistry:
         log.info("session %s loaded from the store: %d messages", session_id, len(session.messages))
         if record.task is not None:
             self._lost(session, record.task)
+        elif self.store.shared:
+            session.save()  # (meta only) a new version: a replica still holding the old copy must not delete it
         return session
 
     def _lost(self, session: Session, task: dict[str, Any]) -> None:
@@ -157,8 +159,8 @@ class SessionRegistry:
 
     def remove(self, session: Session) -> None:
         """Forget a session here and in the store."""
-        if self._drop(session):
-            self.store.delete(session.session_id)
+        if self._drop(session):  # (shared: only this replica's copy; another may have taken the session over)
+            self.store.delete(session.session_id, session.version if self.store.shared else None)
 
     def _drop(self, session: Session) -> bool:
         if self.sessions.pop(session.session_id, None) is None:

@@ -38,7 +38,7 @@ class Backend(Protocol):
     def write(self, session_id: str, meta: str, version: int, start: int, messages: list[str]) -> bool: ...
     def read(self, session_id: str) -> Stored | None: ...
     def version(self, session_id: str) -> int | None: ...
-    def delete(self, session_id: str) -> None: ...
+    def delete(self, session_id: str, version: int | None = None) -> None: ...  # (only if still at ``version``)
     def touch(self, session_ids: list[str]) -> None: ...
     def expire(self, idle_s: float) -> list[str]: ...
     def ping(self) -> None: ...
@@ -60,7 +60,7 @@ class NullBackend:
     def version(self, session_id: str) -> int | None:
         return None
 
-    def delete(self, session_id: str) -> None:
+    def delete(self, session_id: str, version: int | None = None) -> None:
         pass
 
     def touch(self, session_ids: list[str]) -> None:
@@ -150,9 +150,14 @@ class SqliteBackend:
         row = self._run(lambda db: db.execute("SELECT version FROM sessions WHERE id = ?", (session_id,)).fetchone())
         return None if row is None else row[0]
 
-    def delete(self, session_id: str) -> None:
+    def delete(self, session_id: str, version: int | None = None) -> None:
         def go(db: sqlite3.Connection) -> None:
             db.execute("BEGIN IMMEDIATE")
+            if version is not None:
+                row = db.execute("SELECT version FROM sessions WHERE id = ?", (session_id,)).fetchone()
+                if row is not None and row[0] != version:
+                    db.rollback()
+                    return
             db.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
             db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
             db.commit()
@@ -201,6 +206,15 @@ return 1
 """
 
 
+# KEYS: meta hash, messages list. ARGV: version. Deletes the session only if no other replica has written it since.
+REDIS_DELETE = """
+local version = redis.call('HGET', KEYS[1], 'version')
+if version and version ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"""
+
+
 class RedisBackend:
     """Shared by every replica. Each session's keys carry a TTL of the idle timeout, refreshed on every write
     and by ``touch``: Redis itself forgets sessions nobody uses, even when no replica is left to expire them."""
@@ -216,6 +230,7 @@ class RedisBackend:
         self.ttl_ms = max(1000, int(ttl_s * 1000))
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._write = self.client.register_script(REDIS_WRITE)
+        self._delete = self.client.register_script(REDIS_DELETE)
 
     @staticmethod
     def keys(session_id: str) -> tuple[str, str]:
@@ -248,8 +263,11 @@ class RedisBackend:
         raw = self._run(lambda: self.client.hget(self.keys(session_id)[0], "version"))
         return None if raw is None else int(raw)
 
-    def delete(self, session_id: str) -> None:
-        self._run(lambda: self.client.delete(*self.keys(session_id)))
+    def delete(self, session_id: str, version: int | None = None) -> None:
+        if version is None:
+            self._run(lambda: self.client.delete(*self.keys(session_id)))
+        else:
+            self._run(lambda: self._delete(keys=self.keys(session_id), args=[version]))
 
     def touch(self, session_ids: list[str]) -> None:
         def go() -> None:

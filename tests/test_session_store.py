@@ -369,3 +369,42 @@ def test_a_tampered_redis_hash_is_a_bad_record_not_an_outage(redis_url):
             assert store.status()["ok"], (field_, store.status())
         await store.close()
     run(go())
+
+
+def test_a_replica_expiring_its_old_copy_does_not_delete_a_session_another_replica_uses(redis_url):
+    """Replica r0 dies; r1 serves the session from Redis; r0 comes back and HAProxy sends the session home, where
+    it goes on. An hour later r1's copy (idle there) expires: that must not delete the session from Redis, which
+    r0 is using (r0's next restart would find no such session)."""
+    from sessions import SessionRegistry
+
+    def replica() -> SessionRegistry:
+        return SessionRegistry(SessionStore.open(redis_url, max_bytes=MiB, idle_s=60), max_sessions=10,
+                               idle_timeout_s=60)
+
+    async def turn(registry: SessionRegistry, session, text: str) -> None:
+        session.messages = [*session.messages, {"role": "user", "content": text}]
+        assert await session.save() is None
+
+    async def go():
+        r0, r1 = replica(), replica()
+        session = r0.create([], owner="key-1")
+        await turn(r0, session, "one")
+        await r0.store.close()  # r0 dies
+        on_r1 = await r1.attach(session.session_id)
+        await turn(r1, on_r1, "two")
+        r0 = replica()  # r0 is back: the session goes home
+        for home_turns in ([], ["three"]):  # attached there (no turn yet), then used
+            on_r0 = await r0.attach(session.session_id)
+            for text in home_turns:
+                await turn(r0, on_r0, text)
+            r1.expire_idle(time.monotonic() + 3600)  # r1's old copy expires
+            await r1.store.delete("-flush-")  # (the store's operations run in order: r1's expiry is done)
+            stored = await r0.store.load(session.session_id)
+            assert stored is not None, f"r1's expiry deleted the session r0 holds (turns at home: {home_turns})"
+            assert [m["content"] for m in stored.messages] == ["one", "two", *home_turns]
+            r1 = replica()
+            await r1.attach(session.session_id)  # r1 holds a copy again (for the second round)
+            r0 = replica()
+        await r0.store.close()
+        await r1.store.close()
+    run(go())
