@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from store_backends import Backend, StoreError, Stored, open_backend, redact
+from store_backends import Backend, StoreError, Stored, TooLarge, open_backend, redact
 
 log = logging.getLogger("inference.store")
 ROLES = frozenset({"system", "user", "assistant", "tool"})
@@ -267,7 +267,9 @@ class SessionStore:
         """The stored session, or None. Raises StoreError when the store fails or the record is unusable."""
         def read() -> SessionRecord | None:
             try:
-                stored = self.backend.read(session_id)
+                stored = self.backend.read(session_id, self.max_bytes)
+            except TooLarge as exc:
+                raise SessionTooLarge(str(exc)) from None
             except (ValueError, TypeError) as exc:  # the store answered, with something that is not a session
                 raise BadRecord(f"session {session_id}: malformed record ({exc.__class__.__name__}: {exc})") from None
             if stored is None:

@@ -408,3 +408,34 @@ def test_a_replica_expiring_its_old_copy_does_not_delete_a_session_another_repli
         await r0.store.close()
         await r1.store.close()
     run(go())
+
+
+def test_a_huge_stored_row_is_refused_without_being_read_into_memory(store_url):
+    """A stored session far past INFERENCE_SESSION_MAX_BYTES (written by hand, or by a server with a larger
+    limit) is refused as too large before its messages are read: loading it costs no more memory than the limit."""
+    import tracemalloc
+
+    async def go():
+        store = SessionStore.open(store_url, max_bytes=MiB, idle_s=3600)
+        sid = f"huge-{os.urandom(6).hex()}"
+        assert await store.save(record(sid, 2), 0) is None
+        body = json.dumps({"role": "user", "content": "x" * (48 * MiB)})
+        if isinstance(store.backend, RedisBackend):
+            store.backend.client.rpush(RedisBackend.keys(sid)[1], body)
+            store.backend.client.hset(RedisBackend.keys(sid)[0], "length", 3)
+        else:
+            db = store.backend._conn()
+            db.execute("INSERT INTO messages VALUES (?, 2, ?)", (sid, body))
+            db.execute("UPDATE sessions SET length = 3 WHERE id = ?", (sid,))
+        del body
+        tracemalloc.start()
+        try:
+            with pytest.raises(SessionTooLarge):
+                await store.load(sid)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 8 * MiB, f"loading a refused session allocated {peak / MiB:.0f} MiB"
+        assert store.status()["ok"]
+        await store.close()
+    run(go())
