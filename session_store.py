@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from store_backends import Backend, StoreError, Stored, open_backend, redact
+from store_backends import Backend, StoreError, Stored, TooLarge, open_backend, redact
 
 log = logging.getLogger("inference.store")
 ROLES = frozenset({"system", "user", "assistant", "tool"})
@@ -66,7 +66,7 @@ class SessionRecord:
                          tools=list(meta["tools"]), messages=messages, created_at=float(meta["created_at"]),
                          updated_at=float(meta["updated_at"]), seq=int(meta.get("seq", 0)),
                          task=meta.get("task"), version=int(stored.version))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # (JSON nested past the parser's limit)
             raise BadRecord(f"session {session_id}: malformed record ({exc.__class__.__name__}: {exc})") from None
         problem = _shape_problem(record)
         if problem:
@@ -120,6 +120,7 @@ class SessionStore:
         self.on_write: Callable[[float], None] | None = None  # observes each write's latency (metrics)
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Any] | None] = queue.SimpleQueue()
         self._written: dict[str, tuple[int, int]] = {}  # worker only: (messages, bytes) stored per session
+        self._unsaved: dict[str, SessionRecord] = {}  # worker only: each session's latest write that failed
         self._thread = threading.Thread(target=self._work, name="session-store", daemon=True)
         self._thread.start()
 
@@ -137,6 +138,10 @@ class SessionStore:
 
     # ---- the worker ------------------------------------------------------------------------------------------
     def _work(self) -> None:
+        try:  # at once: a store that is not there at start shows in /ready (and the log) before any request
+            self.backend.ping()
+        except Exception as exc:  # noqa: BLE001
+            self._failed("connection", exc)
         while True:
             try:
                 job = self._jobs.get(timeout=RETRY_PING_S if self.error else None)
@@ -151,6 +156,8 @@ class SessionStore:
             except Exception as exc:  # noqa: BLE001 - reported to the caller and in status()
                 result = exc
             done(result)
+            if self._unsaved and self.error is None:
+                self._retry_unsaved()
 
     def _ping(self) -> None:
         try:
@@ -160,6 +167,25 @@ class SessionStore:
             return
         log.warning("session store %s is reachable again", self.name)
         self.error = None
+        self._retry_unsaved()
+
+    def _retry_unsaved(self) -> None:
+        """The store works again: write each session whose latest write failed (whole), so that the stored copy
+        is not left behind (a session that went quiet would otherwise keep it until a restart loads it)."""
+        if not self._unsaved:
+            return
+        for sid, record in list(self._unsaved.items()):
+            try:
+                self._write(record, 0)
+            except SessionTooLarge:
+                pass
+            except Exception as exc:  # noqa: BLE001
+                self._failed(f"write of session {sid} (retried)", exc)
+                return
+            if self._unsaved.get(sid) is record:
+                del self._unsaved[sid]
+        if not self._unsaved:
+            log.info("session store %s: the writes that failed are stored now", self.name)
 
     def _submit(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
         """Run ``fn`` on the worker; the future gets its result, or the exception it raised (as the result
@@ -206,9 +232,12 @@ class SessionStore:
                 self._write(record, start)
             except SessionTooLarge as exc:
                 log.warning("%s; not stored", exc)
+                self._unsaved.pop(record.session_id, None)
                 return exc
             except Exception as exc:  # noqa: BLE001
+                self._unsaved[record.session_id] = record  # written again when the store is back
                 return self._failed(f"write of session {record.session_id}", exc)
+            self._unsaved.pop(record.session_id, None)
             self._ok()
             elapsed = time.perf_counter() - queued
             self.write_seconds.append(elapsed)
@@ -237,7 +266,12 @@ class SessionStore:
     async def load(self, session_id: str) -> SessionRecord | None:
         """The stored session, or None. Raises StoreError when the store fails or the record is unusable."""
         def read() -> SessionRecord | None:
-            stored = self.backend.read(session_id)
+            try:
+                stored = self.backend.read(session_id, self.max_bytes)
+            except TooLarge as exc:
+                raise SessionTooLarge(str(exc)) from None
+            except (ValueError, TypeError) as exc:  # the store answered, with something that is not a session
+                raise BadRecord(f"session {session_id}: malformed record ({exc.__class__.__name__}: {exc})") from None
             if stored is None:
                 return None
             record = SessionRecord.from_stored(session_id, stored, self.max_bytes)
@@ -260,11 +294,14 @@ class SessionStore:
         self._ok()
         return result
 
-    def delete(self, session_id: str) -> asyncio.Future[Any]:
+    def delete(self, session_id: str, version: int | None = None) -> asyncio.Future[Any]:
+        """Delete a stored session; with ``version``, only if the store still holds that version (on a shared
+        store, another replica may have taken the session over since: its copy is not this one's to delete)."""
         def delete() -> Any:
             self._written.pop(session_id, None)
+            self._unsaved.pop(session_id, None)
             try:
-                self.backend.delete(session_id)
+                self.backend.delete(session_id, version)
             except Exception as exc:  # noqa: BLE001
                 return self._failed(f"delete of session {session_id}", exc)
             return None
@@ -289,6 +326,7 @@ class SessionStore:
                 return self._failed("expiry", exc)
             for session_id in gone:
                 self._written.pop(session_id, None)
+                self._unsaved.pop(session_id, None)
             return gone
         result = await self._submit(expire)
         return [] if isinstance(result, BaseException) else result

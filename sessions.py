@@ -12,10 +12,10 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from jsonrpc import RpcError
+from jsonrpc import RpcError, clip
 from models import ErrorCode, ToolDefinition
 from resume import ReplayBuffer
-from session_store import SessionRecord, SessionStore, SessionTooLarge, StoreError
+from session_store import BadRecord, SessionRecord, SessionStore, SessionTooLarge, StoreError
 from tasks import Session, Task
 from workers import off_loop
 
@@ -90,6 +90,8 @@ class SessionRegistry:
 
     async def _attach(self, session_id: str) -> Session | None:
         session = self.sessions.get(session_id)
+        if session is not None:
+            session.touch()  # in use from now on: idle expiry must not remove it during the awaits below
         if session is not None and self.store.shared and session.active_task is None and session.connection is None:
             # Another replica may have served it meanwhile (while this one was unreachable): its copy wins.
             try:
@@ -110,11 +112,16 @@ class SessionRegistry:
         record = await self.store.load(session_id)
         if record is None or (session := self.sessions.get(session_id)) is not None:
             return session
-        tools = await off_loop(lambda: [ToolDefinition.model_validate(t) for t in record.tools])
+        try:
+            tools = await off_loop(lambda: [ToolDefinition.model_validate(t) for t in record.tools])
+        except (ValueError, RecursionError) as exc:  # (pydantic's ValidationError is a ValueError)
+            raise BadRecord(f"session {session_id}: malformed record (a stored tool: {clip(str(exc), 300)})") from None
         session = self._add(from_record(record, tools))
         log.info("session %s loaded from the store: %d messages", session_id, len(session.messages))
         if record.task is not None:
             self._lost(session, record.task)
+        elif self.store.shared:
+            session.save()  # (meta only) a new version: a replica still holding the old copy must not delete it
         return session
 
     def _lost(self, session: Session, task: dict[str, Any]) -> None:
@@ -152,8 +159,8 @@ class SessionRegistry:
 
     def remove(self, session: Session) -> None:
         """Forget a session here and in the store."""
-        if self._drop(session):
-            self.store.delete(session.session_id)
+        if self._drop(session):  # (shared: only this replica's copy; another may have taken the session over)
+            self.store.delete(session.session_id, session.version if self.store.shared else None)
 
     def _drop(self, session: Session) -> bool:
         if self.sessions.pop(session.session_id, None) is None:

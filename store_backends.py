@@ -22,6 +22,13 @@ class StoreError(Exception):
     """The store could not be reached or refused an operation; the message says which."""
 
 
+class TooLarge(StoreError):
+    """A stored session is larger than the reader accepts (refused before its messages are read)."""
+
+    def __init__(self, session_id: str, size: int, max_bytes: int) -> None:
+        super().__init__(f"session {session_id}: more than {max_bytes} bytes stored ({size} at least)")
+
+
 @dataclass(frozen=True)
 class Stored:
     """What a backend returns for one session: the meta JSON, the version, and the messages' JSON texts."""
@@ -36,9 +43,9 @@ class Backend(Protocol):
     durable: bool  # survives this process
 
     def write(self, session_id: str, meta: str, version: int, start: int, messages: list[str]) -> bool: ...
-    def read(self, session_id: str) -> Stored | None: ...
+    def read(self, session_id: str, max_bytes: int | None = None) -> Stored | None: ...  # TooLarge past it
     def version(self, session_id: str) -> int | None: ...
-    def delete(self, session_id: str) -> None: ...
+    def delete(self, session_id: str, version: int | None = None) -> None: ...  # (only if still at ``version``)
     def touch(self, session_ids: list[str]) -> None: ...
     def expire(self, idle_s: float) -> list[str]: ...
     def ping(self) -> None: ...
@@ -54,13 +61,13 @@ class NullBackend:
     def write(self, session_id: str, meta: str, version: int, start: int, messages: list[str]) -> bool:
         return True
 
-    def read(self, session_id: str) -> Stored | None:
+    def read(self, session_id: str, max_bytes: int | None = None) -> Stored | None:
         return None
 
     def version(self, session_id: str) -> int | None:
         return None
 
-    def delete(self, session_id: str) -> None:
+    def delete(self, session_id: str, version: int | None = None) -> None:
         pass
 
     def touch(self, session_ids: list[str]) -> None:
@@ -136,11 +143,24 @@ class SqliteBackend:
             return True
         return self._run(go)
 
-    def read(self, session_id: str) -> Stored | None:
+    def read(self, session_id: str, max_bytes: int | None = None) -> Stored | None:
         def go(db: sqlite3.Connection) -> Stored | None:
+            db.execute("BEGIN")  # one snapshot: the size checked is the size read
+            try:
+                return read(db)
+            finally:
+                db.rollback()
+
+        def read(db: sqlite3.Connection) -> Stored | None:
             row = db.execute("SELECT meta, version, length FROM sessions WHERE id = ?", (session_id,)).fetchone()
             if row is None:
                 return None
+            if max_bytes is not None:  # measured in the database: nothing is read into memory past the limit
+                size = db.execute("SELECT length(CAST(meta AS BLOB)) + (SELECT COALESCE(SUM(length(CAST(body AS "
+                                  "BLOB))), 0) FROM messages WHERE session_id = ?1 AND idx < ?2) FROM sessions "
+                                  "WHERE id = ?1", (session_id, row[2])).fetchone()[0]
+                if size > max_bytes:
+                    raise TooLarge(session_id, size, max_bytes)
             bodies = [b for (b,) in db.execute("SELECT body FROM messages WHERE session_id = ? AND idx < ? "
                                                "ORDER BY idx", (session_id, row[2]))]
             return Stored(row[0], row[1], bodies)
@@ -150,9 +170,14 @@ class SqliteBackend:
         row = self._run(lambda db: db.execute("SELECT version FROM sessions WHERE id = ?", (session_id,)).fetchone())
         return None if row is None else row[0]
 
-    def delete(self, session_id: str) -> None:
+    def delete(self, session_id: str, version: int | None = None) -> None:
         def go(db: sqlite3.Connection) -> None:
             db.execute("BEGIN IMMEDIATE")
+            if version is not None:
+                row = db.execute("SELECT version FROM sessions WHERE id = ?", (session_id,)).fetchone()
+                if row is not None and row[0] != version:
+                    db.rollback()
+                    return
             db.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
             db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
             db.commit()
@@ -201,6 +226,38 @@ return 1
 """
 
 
+# KEYS: meta hash, messages list. ARGV: version. Deletes the session only if no other replica has written it since.
+REDIS_DELETE = """
+local version = redis.call('HGET', KEYS[1], 'version')
+if version and version ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"""
+
+
+# KEYS: meta hash, messages list. ARGV: the most bytes to return. Returns nothing when there is no such session,
+# {-1, bytes so far} past the limit (read a page at a time: nothing past it is copied), else {meta, version,
+# length, message...}: the first `length` messages.
+REDIS_READ = """
+local got = redis.call('HMGET', KEYS[1], 'meta', 'version', 'length')
+if not got[1] then return false end
+local limit, size = tonumber(ARGV[1]), #got[1]
+if size > limit then return {-1, size} end
+local out, length, i = {got[1], got[2] or '', got[3] or ''}, tonumber(got[3]) or 0, 0
+while i < length do
+    local page = redis.call('LRANGE', KEYS[2], i, math.min(i + 255, length - 1))
+    if #page == 0 then break end
+    for _, body in ipairs(page) do
+        size = size + #body
+        if size > limit then return {-1, size} end
+        out[#out + 1] = body
+    end
+    i = i + #page
+end
+return out
+"""
+
+
 class RedisBackend:
     """Shared by every replica. Each session's keys carry a TTL of the idle timeout, refreshed on every write
     and by ``touch``: Redis itself forgets sessions nobody uses, even when no replica is left to expire them."""
@@ -216,6 +273,8 @@ class RedisBackend:
         self.ttl_ms = max(1000, int(ttl_s * 1000))
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._write = self.client.register_script(REDIS_WRITE)
+        self._delete = self.client.register_script(REDIS_DELETE)
+        self._read = self.client.register_script(REDIS_READ)
 
     @staticmethod
     def keys(session_id: str) -> tuple[str, str]:
@@ -231,25 +290,26 @@ class RedisBackend:
         return bool(self._run(lambda: self._write(keys=self.keys(session_id),
                                                    args=[start, self.ttl_ms, meta, version, *messages])))
 
-    def read(self, session_id: str) -> Stored | None:
-        meta_key, messages_key = self.keys(session_id)
-
-        def go() -> Stored | None:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.hmget(meta_key, "meta", "version", "length")
-            pipe.lrange(messages_key, 0, -1)
-            (meta, version, length), bodies = pipe.execute()
-            if meta is None:
-                return None
-            return Stored(meta.decode(), int(version), [b.decode() for b in bodies[:int(length)]])
-        return self._run(go)
+    def read(self, session_id: str, max_bytes: int | None = None) -> Stored | None:
+        limit = 2**62 if max_bytes is None else max_bytes
+        got = self._run(lambda: self._read(keys=self.keys(session_id), args=[limit]))
+        if not got:
+            return None
+        if isinstance(got[0], int):  # measured in Redis: nothing was sent past the limit
+            raise TooLarge(session_id, got[1], limit)
+        meta, version, length, *bodies = got
+        int(length)  # (a length that is not a number: a malformed record, ValueError)
+        return Stored(meta.decode(), int(version), [b.decode() for b in bodies])
 
     def version(self, session_id: str) -> int | None:
         raw = self._run(lambda: self.client.hget(self.keys(session_id)[0], "version"))
         return None if raw is None else int(raw)
 
-    def delete(self, session_id: str) -> None:
-        self._run(lambda: self.client.delete(*self.keys(session_id)))
+    def delete(self, session_id: str, version: int | None = None) -> None:
+        if version is None:
+            self._run(lambda: self.client.delete(*self.keys(session_id)))
+        else:
+            self._run(lambda: self._delete(keys=self.keys(session_id), args=[version]))
 
     def touch(self, session_ids: list[str]) -> None:
         def go() -> None:

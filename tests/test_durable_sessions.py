@@ -305,6 +305,20 @@ def test_a_failing_store_is_shown_in_ready_and_refuses_new_sessions(base_setting
         assert len(app.state.runtime.sessions) == 0
 
 
+def test_a_store_down_at_start_shows_in_ready_before_any_request(base_settings, caplog):
+    """Redis is not there when the server starts: /ready says so (503, the reason) from the start, and it is
+    logged, instead of 'ready' until the first client request fails on it."""
+    settings = replace(base_settings, session_store=f"redis://127.0.0.1:{free_port()}/0")
+    with running_server(settings, scripted_loader(story)) as app:
+        deadline = time.monotonic() + 5
+        while (ready := httpx.get(f"http://{app.base}/ready", timeout=5)).status_code == 200:
+            assert time.monotonic() < deadline, f"/ready says {ready.json()} with the store down"
+            time.sleep(0.1)
+        assert ready.status_code == 503 and "session store failing" in ready.json()["reason"]
+        assert "redis" in ready.json()["session_store"]["error"]
+    assert any("session store" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+
+
 def test_a_redis_outage_keeps_held_sessions_going_and_shows_in_ready(base_settings, tmp_path):
     """Redis goes away: a session this replica holds still attaches and answers (its writes fail, logged), /ready
     turns 503 with the reason and create_session refuses; Redis comes back: /ready is 200 again by itself."""

@@ -273,3 +273,169 @@ def test_sqlite_backend_direct_contract(tmp_path):
     stored = db.read("a")
     assert (stored.messages, stored.version) == (["m0", "m1"], 1)
     db.close()
+
+
+def test_a_write_that_failed_during_an_outage_lands_once_the_store_is_back(tmp_path):
+    """Redis restarts (with its data) mid-run: the write made while it was down failed (reported), and the session
+    then went quiet. Once Redis is back the store must hold that write, not the older copy: otherwise a restart or
+    a failover later loads the stale copy (here: a task still marked running, which would be rolled back although
+    its client got its answer)."""
+    async def go(server: Redis):
+        store = SessionStore.open(server.url, max_bytes=MiB, idle_s=60)
+        running = record("o1", 2, version=1, task={"task_id": "task-1", "base": 1})
+        assert await store.save(running, 0) is None
+        store.backend.client.save()  # on disk: the restart below brings this copy back
+        server.stop()
+        ended = record("o1", 3, version=2)  # the task's end: one more message, no running task
+        assert isinstance(await store.save(ended, 2), StoreError)
+        server.start()
+        deadline = time.monotonic() + 15
+        while not store.status()["ok"] or store.status()["queued"]:
+            assert time.monotonic() < deadline, store.status()
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.3)
+        back = await store.load("o1")
+        assert (back.version, back.task, len(back.messages)) == (2, None, 3)
+        await store.close()
+
+    server = Redis(tmp_path / "redis").start()
+    try:
+        run(go(server))
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("tamper", ["tool", "nested", "not_text"])
+def test_a_tampered_row_is_refused_cleanly_and_the_store_stays_healthy(tmp_path, tamper):
+    """A stored row someone edited (an invalid tool, JSON nested past the parser's recursion limit, a message that
+    is not text) is a bad record: attaching it raises BadRecord (a StoreError: the handshake is refused with a
+    status), never another exception, and it does not mark the store as failing (/ready, the proxy's check)."""
+    from sessions import SessionRegistry
+
+    async def go():
+        store = SessionStore.open(f"sqlite:///{tmp_path}/t.db", max_bytes=MiB, idle_s=3600)
+        rec = record("t1", 2)
+        assert await store.save(rec, 0) is None
+        db = store.backend._conn()
+        if tamper == "tool":
+            meta = json.loads(db.execute("SELECT meta FROM sessions").fetchone()[0])
+            meta["tools"] = [{"name": "bad name!", "parameters": {"type": "string"}}]
+            db.execute("UPDATE sessions SET meta = ?", (json.dumps(meta),))
+        elif tamper == "nested":
+            db.execute("UPDATE messages SET body = ? WHERE idx = 0", ("[" * 100_000 + "]" * 100_000,))
+        else:
+            db.execute("UPDATE messages SET body = ? WHERE idx = 0", (b"\xff{\xfe",))
+        registry = SessionRegistry(store, max_sessions=10, idle_timeout_s=3600)
+        with pytest.raises(BadRecord):
+            await registry.attach("t1")
+        assert store.status()["ok"], store.status()
+        assert registry.get("t1") is None and len(registry) == 0
+        await store.close()
+    run(go())
+
+
+def test_a_session_being_attached_is_not_expired_under_the_socket(redis_url):
+    """A client comes back just as its session reaches the idle timeout. While the replica checks the shared
+    store's version (an await), idle expiry runs: it must not remove the session being attached, or the socket is
+    handed a session the registry no longer holds (uncounted, and loaded a second time by the next socket)."""
+    from sessions import SessionRegistry
+
+    async def go():
+        store = SessionStore.open(redis_url, max_bytes=MiB, idle_s=60)
+        registry = SessionRegistry(store, max_sessions=10, idle_timeout_s=60)
+        session = registry.create([], owner="key-1")
+        assert await session.save() is None
+        session.last_active -= 61  # idle for just over the timeout
+        attaching = asyncio.create_task(registry.attach(session.session_id))
+        await asyncio.sleep(0)  # the attach now waits for the store's answer
+        registry.expire_idle()
+        attached = await attaching
+        assert attached is not None and registry.get(session.session_id) is attached
+        assert await store.load(session.session_id) is not None
+        await store.close()
+    run(go())
+
+
+def test_a_tampered_redis_hash_is_a_bad_record_not_an_outage(redis_url):
+    """The Redis side of the same: a version or length that is not a number, a meta that is not UTF-8."""
+    async def go():
+        store = SessionStore.open(redis_url, max_bytes=MiB, idle_s=60)
+        for field_, value in (("version", "x"), ("length", "many"), ("meta", b"\xff\xfe")):
+            sid = f"h-{os.urandom(6).hex()}"
+            assert await store.save(record(sid, 2), 0) is None
+            store.backend.client.hset(RedisBackend.keys(sid)[0], field_, value)
+            with pytest.raises(BadRecord):
+                await store.load(sid)
+            assert store.status()["ok"], (field_, store.status())
+        await store.close()
+    run(go())
+
+
+def test_a_replica_expiring_its_old_copy_does_not_delete_a_session_another_replica_uses(redis_url):
+    """Replica r0 dies; r1 serves the session from Redis; r0 comes back and HAProxy sends the session home, where
+    it goes on. An hour later r1's copy (idle there) expires: that must not delete the session from Redis, which
+    r0 is using (r0's next restart would find no such session)."""
+    from sessions import SessionRegistry
+
+    def replica() -> SessionRegistry:
+        return SessionRegistry(SessionStore.open(redis_url, max_bytes=MiB, idle_s=60), max_sessions=10,
+                               idle_timeout_s=60)
+
+    async def turn(registry: SessionRegistry, session, text: str) -> None:
+        session.messages = [*session.messages, {"role": "user", "content": text}]
+        assert await session.save() is None
+
+    async def go():
+        r0, r1 = replica(), replica()
+        session = r0.create([], owner="key-1")
+        await turn(r0, session, "one")
+        await r0.store.close()  # r0 dies
+        on_r1 = await r1.attach(session.session_id)
+        await turn(r1, on_r1, "two")
+        r0 = replica()  # r0 is back: the session goes home
+        for home_turns in ([], ["three"]):  # attached there (no turn yet), then used
+            on_r0 = await r0.attach(session.session_id)
+            for text in home_turns:
+                await turn(r0, on_r0, text)
+            r1.expire_idle(time.monotonic() + 3600)  # r1's old copy expires
+            await r1.store.delete("-flush-")  # (the store's operations run in order: r1's expiry is done)
+            stored = await r0.store.load(session.session_id)
+            assert stored is not None, f"r1's expiry deleted the session r0 holds (turns at home: {home_turns})"
+            assert [m["content"] for m in stored.messages] == ["one", "two", *home_turns]
+            r1 = replica()
+            await r1.attach(session.session_id)  # r1 holds a copy again (for the second round)
+            r0 = replica()
+        await r0.store.close()
+        await r1.store.close()
+    run(go())
+
+
+def test_a_huge_stored_row_is_refused_without_being_read_into_memory(store_url):
+    """A stored session far past INFERENCE_SESSION_MAX_BYTES (written by hand, or by a server with a larger
+    limit) is refused as too large before its messages are read: loading it costs no more memory than the limit."""
+    import tracemalloc
+
+    async def go():
+        store = SessionStore.open(store_url, max_bytes=MiB, idle_s=3600)
+        sid = f"huge-{os.urandom(6).hex()}"
+        assert await store.save(record(sid, 2), 0) is None
+        body = json.dumps({"role": "user", "content": "x" * (48 * MiB)})
+        if isinstance(store.backend, RedisBackend):
+            store.backend.client.rpush(RedisBackend.keys(sid)[1], body)
+            store.backend.client.hset(RedisBackend.keys(sid)[0], "length", 3)
+        else:
+            db = store.backend._conn()
+            db.execute("INSERT INTO messages VALUES (?, 2, ?)", (sid, body))
+            db.execute("UPDATE sessions SET length = 3 WHERE id = ?", (sid,))
+        del body
+        tracemalloc.start()
+        try:
+            with pytest.raises(SessionTooLarge):
+                await store.load(sid)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 8 * MiB, f"loading a refused session allocated {peak / MiB:.0f} MiB"
+        assert store.status()["ok"]
+        await store.close()
+    run(go())
