@@ -134,6 +134,21 @@ def test_streams_arrive_in_order_with_one_end_per_task_and_warm_kv(echo_server):
         assert end["params"]["usage"]["cached_tokens"] > 0  # the first turn's KV, kept warm in the engine process
 
 
+def test_a_request_the_wire_cannot_carry_leaves_no_stream_behind(echo_server):
+    # top_k = 2**64 passes the API's checks (ge=0) but msgpack cannot carry it: the refused request must not stay
+    # registered, or each such request counts against the queue until the server refuses everyone as overloaded
+    engine = echo_server.state.runtime.engine
+
+    async def go():
+        async with WsClient.connect(echo_server, create_session(echo_server)) as client:
+            for _ in range(3):
+                assert "error" in await client.call("generate", {"message": "hi", "top_k": 2**64})
+            task = (await client.call("generate", {"message": "still served"}))["result"]["task_id"]
+            await client.until("end", task_id=task)
+    run(go())
+    assert engine.streams == {}
+
+
 @pytest.fixture(scope="module")
 def story_server(settings):
     # async scheduling on (auto is off on a CPU): cancel and disconnect with a step in flight in the engine process
