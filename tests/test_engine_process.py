@@ -307,3 +307,32 @@ def test_a_front_end_that_crashes_takes_its_engine_requests_with_it(tiny_model_d
     finally:
         server.kill()
         server.wait(10)
+
+
+def test_a_front_end_that_dies_while_its_engine_loads_leaves_no_engine_behind(tiny_model_dir, tmp_path):
+    # the engine process would otherwise load on (minutes on a GPU, holding its memory: a restarted server's engine
+    # then sizes its KV cache from what the orphan left free, or fails to load) and only then notice
+    script = _FRONT_END.replace("scripted_story", "slow_to_load")
+    server = subprocess.Popen([sys.executable, "-c", script, str(REPO_ROOT), str(tiny_model_dir), str(tmp_path / "log"),
+                               "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (engines := [pid for pid in _children(server.pid)
+                               if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]):
+            assert time.monotonic() < deadline and server.poll() is None, "no engine process"
+            time.sleep(0.1)
+        while not (tmp_path / "log.loading").exists():  # the engine process is loading its model
+            assert time.monotonic() < deadline, "the engine process did not start"
+            time.sleep(0.1)
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in engines):
+            assert time.monotonic() < deadline, "the engine process loads on for a front end that is gone"
+            time.sleep(0.05)
+    finally:
+        server.kill()
+        server.wait(10)
+        for pid in engines if "engines" in locals() else ():
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)  # (it ignores SIGTERM)
