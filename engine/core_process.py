@@ -88,7 +88,7 @@ def main(sock: socket.socket, settings: Any, loader: Callable[[Any], Any]) -> No
     # dies, this process sees its socket close and stops).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    setup_logging(settings)
+    setup_logging(settings, rotate=False)  # the front end rotates the file both write
     sock.setblocking(True)
     loading = threading.Event()
     loading.set()

@@ -336,3 +336,26 @@ def test_a_front_end_that_dies_while_its_engine_loads_leaves_no_engine_behind(ti
         for pid in engines if "engines" in locals() else ():
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)  # (it ignores SIGTERM)
+
+
+
+def test_the_engine_process_logs_into_the_current_log_file_after_a_rotation(settings, tmp_path):
+    # both processes log to one file: were both to rotate it, the engine process would write on into the renamed
+    # file (deleted a few rotations later: its lines, the engine thread's death among them, lost) and rename the
+    # front end's current file under it
+    import logging
+
+    log = tmp_path / "server.log"
+    with running_server(replace(settings, max_batch=4, log_file=str(log)), scripted_dying) as app:
+        rotating = [h for h in logging.getLogger().handlers if isinstance(h, logging.handlers.RotatingFileHandler)
+                    and h.baseFilename == str(log)]
+        assert len(rotating) == 1
+        rotating[0].doRollover()  # the front end's file reached its size: rotated
+
+        async def go():
+            async with WsClient.connect(app, create_session(app)) as client:
+                task = (await client.call("generate", {"message": "now die", "max_new_tokens": 5}))["result"]
+                await client.until("end", timeout=10, task_id=task["task_id"])
+        run(go())
+        wait_until(lambda: "engine thread died" in log.read_text(errors="replace"), 5,
+                   "the engine process' log line is not in the current log file")
