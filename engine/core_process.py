@@ -95,7 +95,12 @@ def main(sock: socket.socket, settings: Any, loader: Callable[[Any], Any]) -> No
     threading.Thread(target=_exit_if_orphaned, args=(sock, loading), name="engine-orphan-watch", daemon=True).start()
     try:
         loaded = loader(settings)
-        engine = Engine(loaded.paged_model, engine_config(settings, loaded))
+        config = engine_config(settings, loaded)
+        # The front end bounds the requests in flight (max_running + max_queue) and refuses the rest itself, typed
+        # (EngineOverloaded); this engine must not refuse any it let through (a burst within one step counts as
+        # queued here until admitted), which could only come back as an error event.
+        in_flight = config.max_queue + config.max_running
+        engine = Engine(loaded.paged_model, dataclasses.replace(config, max_queue=in_flight))
         engine.start()
     except BaseException as exc:  # the front end reports it (a ConfigError names the setting)
         if type(exc).__name__ == "ConfigError":  # the message is the whole story: no traceback
@@ -110,7 +115,7 @@ def main(sock: socket.socket, settings: Any, loader: Callable[[Any], Any]) -> No
     grammars = grammar_cache(settings, loaded)
     model = dataclasses.replace(loaded, hf_model=None, paged_model=None)
     sock.sendall(pickled_frame(EngineReady(model, engine.max_context, loaded.paged_model.vocab_size,
-                                           engine.config.max_running, engine.config.max_queue,
+                                           engine.config.max_running, config.max_queue,
                                            engine_stats(engine, clock), os.getpid(), engine._thread.native_id)))
     serve(sock, engine, clock, grammars)
 

@@ -63,3 +63,10 @@ def slow_to_load(settings: Any) -> Any:
     pathlib.Path(settings.log_file + ".loading").write_text(str(__import__("os").getpid()))
     time.sleep(120)
     return scripted_story(settings)
+
+
+def scripted_slow_story(settings: Any) -> Any:
+    """``scripted_story`` at one step every 200 ms (requests sent together reach the engine within one step)."""
+    from support import scripted_loader
+
+    return scripted_loader(story, step_delay=0.2)(settings)

@@ -21,7 +21,7 @@ from engine.mp_client import EngineProcess
 from engine.protocol import (Abort, Add, FrameReader, Outputs, decode_from_engine, decode_to_engine, event_from_wire,
                              event_to_wire, frame, params_from_wire, params_to_wire)
 from engine.request import FinishReason, SamplingParams, TokenEvent
-from engine_loaders import scripted_dying, scripted_echo, scripted_story
+from engine_loaders import scripted_dying, scripted_echo, scripted_slow_story, scripted_story
 from shared import Settings
 from support import WsClient, create_session, running_server
 
@@ -147,6 +147,31 @@ def test_a_request_the_wire_cannot_carry_leaves_no_stream_behind(echo_server):
             await client.until("end", task_id=task)
     run(go())
     assert engine.streams == {}
+
+
+def test_requests_the_front_end_admits_in_a_burst_are_not_refused_by_the_engine(settings):
+    # the front end admits while fewer than max_batch + max_queue requests are in flight, and refuses the rest
+    # synchronously (EngineOverloaded: the client's "overloaded, retry"); the engine process must not then refuse
+    # some of them itself (its queue counts requests it has not admitted yet, a burst within one step among them):
+    # that refusal arrives as an error event, a "generation failed" with no retry
+    async def go():
+        client = EngineProcess(replace(settings, max_batch=4, max_queue=2), scripted_slow_story)
+        loaded = await client.start()
+        try:
+            ids = loaded.tokenizer.encode("go")
+            first = client.generate(ids, SamplingParams(max_new_tokens=100))
+            async for _ in first:
+                break  # running: the engine is in its steps
+            burst = [client.generate(ids, SamplingParams(max_new_tokens=2)) for _ in range(5)]
+            errors = []
+            for stream in burst:
+                async for event in stream:
+                    errors += [event.error] if event.error else []
+            assert errors == []
+            first.abort()
+        finally:
+            await client.stop()
+    run(go())
 
 
 @pytest.fixture(scope="module")
