@@ -357,14 +357,18 @@ class EscapingFormatter(logging.Formatter):
         return super().formatMessage(record).translate(_LOG_ESCAPES)
 
 
-def setup_logging(settings: Settings) -> None:
-    """Console + rotating file on the root logger; every line carries the session and task ids."""
+def setup_logging(settings: Settings, rotate: bool = True) -> None:
+    """Console + rotating file on the root logger; every line carries the session and task ids. ``rotate=False``
+    (the engine process, which shares the file with the server that rotates it): append to whatever file has the
+    name now, never rename it."""
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, "_inference", False)]:
         root.removeHandler(handler)
         handler.close()
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr), logging.handlers.RotatingFileHandler(
-        settings.log_file, maxBytes=settings.log_max_bytes, backupCount=settings.log_backup_count, encoding="utf-8")]
+    file = (logging.handlers.RotatingFileHandler(settings.log_file, maxBytes=settings.log_max_bytes,
+                                                 backupCount=settings.log_backup_count, encoding="utf-8")
+            if rotate else logging.handlers.WatchedFileHandler(settings.log_file, encoding="utf-8"))
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr), file]
     for handler in handlers:
         handler._inference = True  # type: ignore[attr-defined]
         handler.setFormatter(EscapingFormatter(LOG_FORMAT))

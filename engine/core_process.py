@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import queue
+import select
 import signal
 import socket
 import threading
@@ -87,26 +88,48 @@ def main(sock: socket.socket, settings: Any, loader: Callable[[Any], Any]) -> No
     # dies, this process sees its socket close and stops).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    setup_logging(settings)
+    setup_logging(settings, rotate=False)  # the front end rotates the file both write
     sock.setblocking(True)
+    loading = threading.Event()
+    loading.set()
+    threading.Thread(target=_exit_if_orphaned, args=(sock, loading), name="engine-orphan-watch", daemon=True).start()
     try:
         loaded = loader(settings)
-        engine = Engine(loaded.paged_model, engine_config(settings, loaded))
+        config = engine_config(settings, loaded)
+        # The front end bounds the requests in flight (max_running + max_queue) and refuses the rest itself, typed
+        # (EngineOverloaded); this engine must not refuse any it let through (a burst within one step counts as
+        # queued here until admitted), which could only come back as an error event.
+        in_flight = config.max_queue + config.max_running
+        engine = Engine(loaded.paged_model, dataclasses.replace(config, max_queue=in_flight))
         engine.start()
     except BaseException as exc:  # the front end reports it (a ConfigError names the setting)
         if type(exc).__name__ == "ConfigError":  # the message is the whole story: no traceback
             log.debug("the engine could not start: %s", exc)
         else:
             log.exception("the engine could not start")
+        loading.clear()
         sock.sendall(pickled_frame(EngineStartFailed(type(exc).__name__, str(exc))))
         return
+    loading.clear()
     clock = _thread_clock(engine._thread)
     grammars = grammar_cache(settings, loaded)
     model = dataclasses.replace(loaded, hf_model=None, paged_model=None)
     sock.sendall(pickled_frame(EngineReady(model, engine.max_context, loaded.paged_model.vocab_size,
-                                           engine.config.max_running, engine.config.max_queue,
+                                           engine.config.max_running, config.max_queue,
                                            engine_stats(engine, clock), os.getpid(), engine._thread.native_id)))
     serve(sock, engine, clock, grammars)
+
+
+def _exit_if_orphaned(sock: socket.socket, loading: threading.Event) -> None:
+    """While the model loads (minutes on a GPU, nothing read from the socket yet), end this process if the front
+    end goes away (killed: its end of the socket closes), rather than load on, holding the GPU's memory, for no one.
+    The front end sends nothing before ``Ready``: the socket turning readable means its end of stream."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+    while loading.is_set():
+        if poller.poll(100) and loading.is_set():
+            log.warning("the front end went away while the engine was starting: exiting")
+            os._exit(1)
 
 
 def grammar_cache(settings: Any, loaded: Any) -> Callable[[str, tuple[int, ...]], Any] | None:

@@ -168,10 +168,11 @@ class EngineProcess:
             raise EngineOverloaded(f"{waiting} requests are waiting")
         message = Add(f"{self._prefix}{next(self._ids)}", list(prompt_ids), params_to_wire(params), session_key,
                       cache_salt)
+        data = frame(message)  # before the stream is registered: a value msgpack cannot carry leaves nothing behind
         stream = RequestStream(self.abort, asyncio.get_running_loop())
         stream.request_id = message.request_id
         self.streams[message.request_id] = stream
-        self.transport.write(frame(message))
+        self.transport.write(data)
         return stream
 
     def abort(self, request_id: str) -> None:

@@ -52,3 +52,21 @@ def scripted_dying(settings: Any) -> Any:
 
     loaded = scripted_story(settings)
     return replace(loaded, paged_model=_Dying(loaded.paged_model))
+
+
+def slow_to_load(settings: Any) -> Any:
+    """A model that takes minutes to load (the 14B on a GPU does): the front end can die meanwhile. It says it has
+    begun in ``<log_file>.loading``."""
+    import pathlib
+    import time
+
+    pathlib.Path(settings.log_file + ".loading").write_text(str(__import__("os").getpid()))
+    time.sleep(120)
+    return scripted_story(settings)
+
+
+def scripted_slow_story(settings: Any) -> Any:
+    """``scripted_story`` at one step every 200 ms (requests sent together reach the engine within one step)."""
+    from support import scripted_loader
+
+    return scripted_loader(story, step_delay=0.2)(settings)

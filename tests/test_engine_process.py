@@ -21,7 +21,7 @@ from engine.mp_client import EngineProcess
 from engine.protocol import (Abort, Add, FrameReader, Outputs, decode_from_engine, decode_to_engine, event_from_wire,
                              event_to_wire, frame, params_from_wire, params_to_wire)
 from engine.request import FinishReason, SamplingParams, TokenEvent
-from engine_loaders import scripted_dying, scripted_echo, scripted_story
+from engine_loaders import scripted_dying, scripted_echo, scripted_slow_story, scripted_story
 from shared import Settings
 from support import WsClient, create_session, running_server
 
@@ -132,6 +132,46 @@ def test_streams_arrive_in_order_with_one_end_per_task_and_warm_kv(echo_server):
             assert final == f"echo: {text[::-1]}"
         end = next(n for n in notes if n["method"] == "end" and n["params"]["task_id"] == tasks[1])
         assert end["params"]["usage"]["cached_tokens"] > 0  # the first turn's KV, kept warm in the engine process
+
+
+def test_a_request_the_wire_cannot_carry_leaves_no_stream_behind(echo_server):
+    # top_k = 2**64 passes the API's checks (ge=0) but msgpack cannot carry it: the refused request must not stay
+    # registered, or each such request counts against the queue until the server refuses everyone as overloaded
+    engine = echo_server.state.runtime.engine
+
+    async def go():
+        async with WsClient.connect(echo_server, create_session(echo_server)) as client:
+            for _ in range(3):
+                assert "error" in await client.call("generate", {"message": "hi", "top_k": 2**64})
+            task = (await client.call("generate", {"message": "still served"}))["result"]["task_id"]
+            await client.until("end", task_id=task)
+    run(go())
+    assert engine.streams == {}
+
+
+def test_requests_the_front_end_admits_in_a_burst_are_not_refused_by_the_engine(settings):
+    # the front end admits while fewer than max_batch + max_queue requests are in flight, and refuses the rest
+    # synchronously (EngineOverloaded: the client's "overloaded, retry"); the engine process must not then refuse
+    # some of them itself (its queue counts requests it has not admitted yet, a burst within one step among them):
+    # that refusal arrives as an error event, a "generation failed" with no retry
+    async def go():
+        client = EngineProcess(replace(settings, max_batch=4, max_queue=2), scripted_slow_story)
+        loaded = await client.start()
+        try:
+            ids = loaded.tokenizer.encode("go")
+            first = client.generate(ids, SamplingParams(max_new_tokens=100))
+            async for _ in first:
+                break  # running: the engine is in its steps
+            burst = [client.generate(ids, SamplingParams(max_new_tokens=2)) for _ in range(5)]
+            errors = []
+            for stream in burst:
+                async for event in stream:
+                    errors += [event.error] if event.error else []
+            assert errors == []
+            first.abort()
+        finally:
+            await client.stop()
+    run(go())
 
 
 @pytest.fixture(scope="module")
@@ -292,3 +332,55 @@ def test_a_front_end_that_crashes_takes_its_engine_requests_with_it(tiny_model_d
     finally:
         server.kill()
         server.wait(10)
+
+
+def test_a_front_end_that_dies_while_its_engine_loads_leaves_no_engine_behind(tiny_model_dir, tmp_path):
+    # the engine process would otherwise load on (minutes on a GPU, holding its memory: a restarted server's engine
+    # then sizes its KV cache from what the orphan left free, or fails to load) and only then notice
+    script = _FRONT_END.replace("scripted_story", "slow_to_load")
+    server = subprocess.Popen([sys.executable, "-c", script, str(REPO_ROOT), str(tiny_model_dir), str(tmp_path / "log"),
+                               "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (engines := [pid for pid in _children(server.pid)
+                               if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]):
+            assert time.monotonic() < deadline and server.poll() is None, "no engine process"
+            time.sleep(0.1)
+        while not (tmp_path / "log.loading").exists():  # the engine process is loading its model
+            assert time.monotonic() < deadline, "the engine process did not start"
+            time.sleep(0.1)
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in engines):
+            assert time.monotonic() < deadline, "the engine process loads on for a front end that is gone"
+            time.sleep(0.05)
+    finally:
+        server.kill()
+        server.wait(10)
+        for pid in engines if "engines" in locals() else ():
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)  # (it ignores SIGTERM)
+
+
+
+def test_the_engine_process_logs_into_the_current_log_file_after_a_rotation(settings, tmp_path):
+    # both processes log to one file: were both to rotate it, the engine process would write on into the renamed
+    # file (deleted a few rotations later: its lines, the engine thread's death among them, lost) and rename the
+    # front end's current file under it
+    import logging
+
+    log = tmp_path / "server.log"
+    with running_server(replace(settings, max_batch=4, log_file=str(log)), scripted_dying) as app:
+        rotating = [h for h in logging.getLogger().handlers if isinstance(h, logging.handlers.RotatingFileHandler)
+                    and h.baseFilename == str(log)]
+        assert len(rotating) == 1
+        rotating[0].doRollover()  # the front end's file reached its size: rotated
+
+        async def go():
+            async with WsClient.connect(app, create_session(app)) as client:
+                task = (await client.call("generate", {"message": "now die", "max_new_tokens": 5}))["result"]
+                await client.until("end", timeout=10, task_id=task["task_id"])
+        run(go())
+        wait_until(lambda: "engine thread died" in log.read_text(errors="replace"), 5,
+                   "the engine process' log line is not in the current log file")
