@@ -36,7 +36,8 @@ def _subschemas(node: Any) -> Iterator[Any]:
         yield from node
 
 
-_COUNT = re.compile(r"\{(\d{1,9})(,(\d{0,9}))?\}")
+# Spaces inside the braces are allowed: llguidance's regex syntax reads "{1, 50}" as a repetition (RE2 as text).
+_COUNT = re.compile(r"\{\s*(\d{1,9})\s*(,\s*(\d{0,9})\s*)?\}")
 
 
 def nested_repeat(regex: str) -> int:
