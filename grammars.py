@@ -216,9 +216,10 @@ def explain(message: str) -> tuple[str, str | None]:
         keys = [k.strip().strip('"') for k in m.group(1).split(",") if k.strip()]
         return f"unsupported JSON Schema keyword{'s' if len(keys) > 1 else ''}: {', '.join(keys)}", keys[0]
     lowered = message.lower()
-    for keyword, marker in (("format", "unknown format"), ("pattern", "regex"), ("pattern", "lexer"),
-                            ("$ref", "resource"), ("minProperties", "min/maxproperties"), ("type", "invalid type"),
-                            ("minimum/maximum", "float range")):
+    # (the first marker found names the keyword: "float range" before "regex", which its message also says)
+    for keyword, marker in (("format", "unknown format"), ("minimum/maximum", "float range"), ("pattern", "regex"),
+                            ("pattern", "lexer"), ("$ref", "resource"), ("minProperties", "min/maxproperties"),
+                            ("type", "invalid type")):
         if marker in lowered:
             return f"keyword {keyword!r} cannot be compiled: {message}", keyword
     return message, None

@@ -280,7 +280,7 @@ async def _chat_completions(request: Request, rt: Runtime) -> Response:
              max_new, req.stream)
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        return StreamingResponse(sse(rt, req, stream, prefix, completion_id, created, include_usage),
+        return StreamingResponse(sse(rt, req, stream, prefix, completion_id, created, include_usage, bool(tools)),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     usage, result = Usage(), TurnOutput()
 
@@ -296,6 +296,8 @@ async def _chat_completions(request: Request, rt: Runtime) -> Response:
         raise OpenAIError(status, failure.error.message, type_, code=code) from None
     finally:
         stream.abort()  # every path: a disconnect, an error, even a cancel before the turn's first step
+    if not tools:
+        unoffered(result, completion_id)
     message: dict[str, Any] = {"role": "assistant", "content": result.text or (None if result.calls else "")}
     if result.calls:
         message["tool_calls"] = tool_calls_of(result)
@@ -305,8 +307,17 @@ async def _chat_completions(request: Request, rt: Runtime) -> Response:
                          "usage": usage_of(usage)})
 
 
+def unoffered(result: TurnOutput, completion_id: str) -> None:
+    """The request offered the model no tools (none given, or tool_choice "none" without a grammar to enforce it):
+    calls it wrote anyway name functions the client never defined. They are dropped (their markup is not text)."""
+    if result.calls:
+        log.info("chat completion %s: %d tool call(s) dropped: the request offered no tools", completion_id,
+                 len(result.calls))
+        result.calls = []
+
+
 async def sse(rt: Runtime, req: ChatRequest, stream: Any, prefix: str, completion_id: str, created: int,
-              include_usage: bool) -> AsyncIterator[str]:
+              include_usage: bool, offered_tools: bool = True) -> AsyncIterator[str]:
     """The stream as server-sent events; the engine request is aborted if the client goes away."""
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": rt.model.name,
@@ -325,6 +336,8 @@ async def sse(rt: Runtime, req: ChatRequest, stream: Any, prefix: str, completio
         yield f"data: {json.dumps(OpenAIError(status, failure.error.message, type_, code=code).body())}\n\n"
         yield "data: [DONE]\n\n"
         return
+    if not offered_tools:
+        unoffered(result, completion_id)
     if result.calls:
         calls = [{"index": i, **call} for i, call in enumerate(tool_calls_of(result))]
         yield chunk({"tool_calls": calls})

@@ -25,7 +25,7 @@ class SchemaLimits:
     max_nodes: int = 20_000  # schema objects in one request, all tools together
     max_patterns: int = 64  # distinct regexes (pattern, patternProperties) in one request
     max_pattern_chars: int = 1_000
-    max_nested_repeat: int = 1_000  # product of counted repetitions nested in one another, e.g. (a{1,100}){1,100}
+    max_nested_repeat: int = 1_000  # counted repetitions in one regex: nested multiply, in sequence add (nested_repeat)
     max_grammar_chars: int = 1 << 20  # the Lark text, all schemas included
 
 
@@ -36,48 +36,62 @@ def _subschemas(node: Any) -> Iterator[Any]:
         yield from node
 
 
-_COUNT = re.compile(r"\{(\d{1,9})(,(\d{0,9}))?\}")
+# Spaces inside the braces are allowed: llguidance's regex syntax reads "{1, 50}" as a repetition (RE2 as text).
+_COUNT = re.compile(r"\{\s*(\d{1,9})\s*(,\s*(\d{0,9})\s*)?\}")
 
 
 def nested_repeat(regex: str) -> int:
-    """The largest product of counted repetitions ({n}, {m,n}, {m,}) nested in one another: (a{1,100}){1,100} is
-    10,000. A derivative-based lexer builds such regexes term by term; past a few hundred (with ambiguous splits)
-    llguidance gives up mid-stream. Cheap and conservative: a linear scan, no regex engine."""
-    frames = [1]  # per open group: the largest product inside it so far
-    i, n, last = 0, len(regex), 1  # last: the value of the item just closed (a quantifier multiplies it)
+    """The weight of the counted repetitions ({n}, {m,n}, {m,}) in ``regex``: nested ones multiply, ones in sequence
+    add up (the largest alternative of a ``|`` counts): (a{1,100}){1,100} is 10,000, [a-z]{1,999}[a-z]{1,999} 1,998.
+    A derivative-based lexer builds such regexes term by term; past a few hundred (with ambiguous splits, nested or
+    side by side) llguidance gives up mid-stream. Cheap and conservative: a linear scan, no regex engine."""
+    frames = [[0, 0]]  # per open group: [the weight of its current alternative so far, its largest alternative]
+    i, n = 0, len(regex)
+    unit, added = 1, 0  # the item just closed: its weight as a quantifier's operand, and what it added to its frame
     while i < n:
         c = regex[i]
         if c == "\\":
             i += 2
             if i < n + 1 and regex[i - 1:i] in ("p", "P", "x", "u") and regex[i:i + 1] == "{":
                 i = regex.find("}", i) + 1 or n
-            last = 1
+            unit, added = 1, 0
             continue
         if c == "[":
             j = i + 1 + (regex[i + 1:i + 2] == "^")
             j += regex[j:j + 1] == "]"
             while j < n and regex[j] != "]":
                 j += 2 if regex[j] == "\\" else 1
-            i, last = j + 1, 1
+            i, unit, added = j + 1, 1, 0
             continue
         if c == "(":
-            frames.append(1)
+            frames.append([0, 0])
+            i += 1
+            continue
+        if c == "|":
+            frame = frames[-1]
+            frame[1], frame[0] = max(frame), 0
+            unit, added = 1, 0
             i += 1
             continue
         if c == ")" and len(frames) > 1:
-            last = frames.pop()
-            frames[-1] = max(frames[-1], last)
+            inner = max(frames.pop())
+            frames[-1][0] += inner
+            unit, added = max(1, inner), inner
             i += 1
             continue
         if c == "{" and (m := _COUNT.match(regex, i)):
             low, high = int(m.group(1)), m.group(3)
-            last *= max(1, int(high) if high else low)
-            frames[-1] = max(frames[-1], last)
+            weight = unit * max(1, int(high) if high else low)
+            frames[-1][0] += weight - added
+            unit, added = weight, weight
             i = m.end()
             continue
-        last = 1
+        unit, added = 1, 0
         i += 1
-    return max(frames)
+    while len(frames) > 1:  # unbalanced: the open groups count as closed
+        inner = max(frames.pop())
+        frames[-1][0] += inner
+    return max(1, *frames[0])
 
 
 @dataclass
@@ -110,8 +124,8 @@ def price_schema(schema: Any, where: str, limits: SchemaLimits, total: Pricing) 
                     raise SchemaRefused(where, f"a pattern is longer than {limits.max_pattern_chars} characters",
                                         "pattern")
                 if (weight := nested_repeat(regex)) > limits.max_nested_repeat:
-                    raise SchemaRefused(where, f"pattern {regex[:80]!r} nests counted repetitions {weight} deep in "
-                                        f"all (at most {limits.max_nested_repeat})", "pattern")
+                    raise SchemaRefused(where, f"pattern {regex[:80]!r} has counted repetitions weighing {weight} in "
+                                        f"all, nested ones multiplied (at most {limits.max_nested_repeat})", "pattern")
                 total.patterns.setdefault(regex, where)
                 if len(total.patterns) > limits.max_patterns:
                     raise SchemaRefused(where, f"more than {limits.max_patterns} distinct patterns", "pattern")

@@ -7,6 +7,9 @@ characters took 17 s). It has no hook for the regex engine: its keyword modules 
 those modules' ``re`` is pointed at an RE2 shim here (jsonschema is pinned; ``test_attacks`` proves the shim is
 in effect). Patterns RE2 cannot run (lookaround, backreferences) are refused when the tool is defined, with a
 message that says so, rather than run on a backtracking engine.
+
+A ``$ref`` resolves inside the schema only: jsonschema's default registry fetches any other with ``urlopen``
+(``http://`` to internal hosts, ``file://`` to local files, whose contents then appear in validation errors).
 """
 from __future__ import annotations
 
@@ -21,10 +24,13 @@ import jsonschema._utils
 import re2
 from jsonschema import validators
 from jsonschema.exceptions import SchemaError, best_match
+from jsonschema_specifications import REGISTRY as SPECIFICATIONS  # the metaschemas, bundled: retrieves nothing
+from referencing.exceptions import Unresolvable
 
 MAX_DEPTH = 64  # nested objects/arrays in one schema; jsonschema recurses per level (RecursionError past ~150)
 MAX_STEPS = 100_000  # keyword evaluations allowed for one validation of the model's arguments
 MAX_PATTERN_MEMORY = 1 << 20  # bytes RE2 may use for one compiled pattern (bigger ones are refused)
+_REF_KEYWORDS = ("$ref", "$dynamicRef", "$recursiveRef")
 
 
 class SchemaTooComplex(Exception):
@@ -86,6 +92,10 @@ def check_schema(schema: dict[str, Any], what: str = "parameters") -> None:
         if depth > MAX_DEPTH:
             raise ValueError(f"{what} is nested more than {MAX_DEPTH} levels deep")
         if isinstance(node, dict):
+            for keyword in _REF_KEYWORDS:
+                if isinstance(ref := node.get(keyword), str) and not ref.startswith("#"):
+                    raise ValueError(f"{what}: {keyword} {clip_repr(ref)} is not supported; only references inside "
+                                     "the schema (\"#/$defs/...\") are")
             if isinstance(node.get("pattern"), str):
                 compile_pattern(node["pattern"])
             if isinstance(node.get("patternProperties"), dict):
@@ -102,6 +112,8 @@ def check_schema(schema: dict[str, Any], what: str = "parameters") -> None:
         argument_problems(schema, {})
     except (RecursionError, SchemaTooComplex):
         raise ValueError(f"{what} refers to itself without end, or is too complex to check") from None
+    except Unresolvable as exc:
+        raise ValueError(f"{what}: $ref {clip_repr(str(exc.ref))} does not resolve inside the schema") from None
 
 
 def check_tool_schema(schema: dict[str, Any]) -> None:
@@ -138,7 +150,7 @@ def argument_problems(schema: dict[str, Any], arguments: Any) -> str | None:
     """The most relevant way ``arguments`` break ``schema``, or None. Raises RecursionError or SchemaTooComplex
     when the work runs out of bounds."""
     _budget.left = MAX_STEPS
-    validator = _budgeted(validators.validator_for(schema))(schema)
+    validator = _budgeted(validators.validator_for(schema))(schema, registry=SPECIFICATIONS)
     error = best_match(validator.iter_errors(arguments))
     if error is None:
         return None
@@ -158,5 +170,7 @@ def argument_error(schema: dict[str, Any], arguments: Any) -> str | None:
         return "the arguments are nested too deeply to check"
     except SchemaTooComplex:
         return "the arguments are too complex to check against the schema"
+    except Unresolvable as exc:  # a $ref outside the schema (only reachable for schemas not checked on the way in)
+        return f"$ref {clip_repr(str(exc.ref))} does not resolve inside the schema"
     except ValueError as exc:  # a pattern RE2 cannot run (only reachable for schemas not checked on the way in)
         return clip_text(str(exc))

@@ -76,4 +76,5 @@ UNSUPPORTED: dict[str, dict[str, Any]] = {
     "contains": {"type": "object", "properties": {"a": {"type": "array", "contains": {"type": "integer"}}}},
     "format": {"type": "object", "properties": {"a": {"type": "string", "format": "frobnicate"}}},
     "pattern": {"type": "object", "properties": {"a": {"type": "string", "pattern": "^(?=a)a+$"}}},
+    "minimum/maximum": {"type": "object", "properties": {"a": {"type": "number", "minimum": 1e300}}},
 }

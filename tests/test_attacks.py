@@ -269,6 +269,53 @@ def test_validation_work_is_bounded():
     assert "nested too deeply" in argument_error({"type": "object", "additionalProperties": {"$ref": "#"}}, deep)
 
 
+def test_schema_refs_never_leave_the_schema(app, tmp_path):
+    """jsonschema fetches a ``$ref`` it cannot resolve locally with urlopen (http://, file://): a tool's schema made
+    the server request internal URLs and read local files, quoting them in validation errors. Only references
+    inside the schema resolve; any other is refused when the tool is defined, and never fetched."""
+    import http.server
+    import threading
+
+    from tool_schemas import argument_error, check_schema
+
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            body = b'{"type": "object", "properties": {"leak": {"enum": ["SECRET-HTTP"]}}}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"type": "object", "properties": {"leak": {"enum": ["SECRET-FILE"]}}}')
+    try:
+        for ref in (f"http://127.0.0.1:{httpd.server_address[1]}/internal.json", secret.as_uri()):
+            top = {"type": "object", "$ref": ref}
+            inner = {"type": "object", "properties": {"a": {"$ref": ref}}}
+            for schema in (top, inner):
+                with pytest.raises(ValueError, match=r"\$ref"):
+                    check_schema(schema)
+                problem = argument_error(schema, {"leak": "x", "a": {"leak": "x"}}) or ""
+                assert "SECRET" not in problem and "$ref" in problem
+            r = httpx.post(f"http://{app.base}/create_session", json={"tools": [tool("t", top)]})
+            assert r.status_code == 422 and "$ref" in json.dumps(r.json()), r.text
+        local = {"type": "object", "$defs": {"n": {"type": "integer"}}, "properties": {"a": {"$ref": "#/$defs/n"}}}
+        check_schema(local)
+        assert "is not of type 'integer'" in argument_error(local, {"a": "x"})
+        assert hits == []
+    finally:
+        httpd.shutdown()
+
+
 # ---- 3. JSON-RPC batches ------------------------------------------------------------------------------------------------
 def test_batches_are_limited_and_their_replies_bounded(app):
     ws = RawWs(app, create_session(app))

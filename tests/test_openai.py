@@ -32,6 +32,8 @@ def respond(prompt: str) -> str:
         return "and on and on " * 200
     if "unicode" in last:
         return "Café 日本語 😀"
+    if "call anyway" in last:  # a model that calls a tool it was not offered
+        return "Let me check. " + CALL
     return "Hello from the model."
 
 
@@ -125,6 +127,22 @@ def test_tool_choice(client):
     r = client.chat.completions.create(model="qwen-test", messages=[{"role": "user", "content": "hi"}],
                                        tools=[WEATHER, TIME], tool_choice="required")
     assert r.choices[0].message.tool_calls[0].function.name == "get_time"
+
+
+def test_a_request_without_tools_gets_no_tool_calls(client):
+    """A model that writes a call although the request offered no tools (none given, or tool_choice "none"
+    without a grammar to stop it): the answer has no tool_calls for a function the client never defined, and
+    no call markup in its text."""
+    messages = [{"role": "user", "content": "call anyway"}]
+    r = client.chat.completions.create(model="qwen-test", messages=messages)
+    assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
+    assert r.choices[0].message.content == "Let me check."
+    chunks = list(client.chat.completions.create(model="qwen-test", messages=messages, stream=True))
+    assert not [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Let me check."
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(model="qwen-test", messages=messages, tools=[WEATHER], tool_choice="none")
+    assert not r.choices[0].message.tool_calls and "<tool_call>" not in r.choices[0].message.content
 
 
 def test_sampling_params_are_accepted(client):
