@@ -194,6 +194,8 @@ def tool_choice_plain(choice: ToolChoiceParam | None) -> Any:
     return choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
 
 
+TOP_K_MAX = 2**31 - 1  # past any vocabulary (0 and k >= vocab both mean "no top-k"); the engine's wire is int64
+
 # ---- client -> server params ----------------------------------------------------------------------------------
 class GenerateRequestParams(BaseModel):
     message: str | None = None
@@ -203,7 +205,7 @@ class GenerateRequestParams(BaseModel):
     temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     do_sample: bool | None = None
     top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=TOP_K_MAX)
     min_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)

@@ -22,7 +22,7 @@ from http_guard import BodyError, read_json_body
 from jsonrpc import clip, strict_json_loads
 from limits import PromptTooLong, too_many_tools, tools_problem
 from grammars import TurnGrammars
-from models import ErrorCode, ResponseFormatParam, ToolChoiceParam, ToolDefinition, Usage
+from models import TOP_K_MAX, ErrorCode, ResponseFormatParam, ToolChoiceParam, ToolDefinition, Usage
 from shared import Runtime
 from structured_outputs import SchemaRefused, choices, plan, prompt_tools
 from tasks import TaskFailure
@@ -94,7 +94,7 @@ class ChatRequest(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
     n: int = 1
     logprobs: bool | None = None
-    top_k: int | None = Field(default=None, ge=0)  # extensions other servers accept too (via extra_body)
+    top_k: int | None = Field(default=None, ge=0, le=TOP_K_MAX)  # extensions other servers accept too (via extra_body)
     min_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 

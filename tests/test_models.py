@@ -145,7 +145,7 @@ def test_generate_duplicate_tool_names_rejected():
 @pytest.mark.parametrize(("field", "value"), [
     ("temperature", 0), ("temperature", 2.5),
     ("top_p", 1), ("top_p", 0.01),
-    ("top_k", 0), ("top_k", 50),
+    ("top_k", 0), ("top_k", 50), ("top_k", 2**31 - 1),
     ("min_p", 0), ("min_p", 1),
     ("repetition_penalty", 0.5), ("repetition_penalty", 1.2),
     ("seed", 0), ("seed", 2**63 - 1),
@@ -158,7 +158,7 @@ def test_generate_sampling_values_in_range(field, value):
 @pytest.mark.parametrize(("field", "value"), [
     ("temperature", -0.1), ("temperature", "hot"),
     ("top_p", 0), ("top_p", 1.01), ("top_p", -1),
-    ("top_k", -1), ("top_k", 1.5),
+    ("top_k", -1), ("top_k", 1.5), ("top_k", 2**31), ("top_k", 2**64),
     ("min_p", -0.01), ("min_p", 1.5),
     ("repetition_penalty", 0), ("repetition_penalty", -1),
     ("seed", -1), ("seed", 2**63), ("seed", 0.5),

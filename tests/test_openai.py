@@ -162,6 +162,7 @@ def test_sampling_params_are_accepted(client):
     (dict(model="qwen-test", messages=[{"role": "user", "content": "hi"}], logprobs=True), 400, "logprobs"),
     (dict(model="qwen-test", messages=[{"role": "user", "content": "hi"}], max_tokens=10**6), 400, "max_tokens"),
     (dict(model="qwen-test", messages=[{"role": "user", "content": "hi"}], tool_choice="required"), 400, "tools"),
+    (dict(model="qwen-test", messages=[{"role": "user", "content": "hi"}], extra_body={"top_k": 2**64}), 400, "top_k"),
     (dict(model="qwen-test", messages=[{"role": "user", "content": "1 " * 3000}]), 400, "tokens"),
     (dict(model="gpt-4o", messages=[{"role": "user", "content": "hi"}]), 404, "does not exist"),
 ])
