@@ -34,7 +34,7 @@ def next_token(history: list[int]) -> int:
 
 def sampled_logits(history: list[int]) -> torch.Tensor:
     g = torch.Generator().manual_seed(next_token(history) * 7919 + len(history))
-    return torch.randn(VOCAB, generator=g) * 3
+    return (torch.randn(VOCAB, generator=g) * 3 + 10).to(torch.bfloat16).float()  # bf16: ties, as a real model's
 
 
 class TracingModel:
