@@ -40,10 +40,11 @@ def sampled_logits(history: list[int]) -> torch.Tensor:
 class TracingModel:
     """A paged model whose KV slots hold token ids; its logits are a function of the history it read back."""
 
-    def __init__(self, sample: bool = False) -> None:
+    def __init__(self, sample: bool = False, fail: random.Random | None = None) -> None:
         self.vocab_size = VOCAB
         self.device = torch.device("cpu")
         self.sample = sample
+        self.fail = fail  # given: about one forward pass in 15 raises (as an OOM would), before or after writing KV
         self.cache: torch.Tensor | None = None
 
     def kv_bytes_per_token(self) -> int:
@@ -53,7 +54,11 @@ class TracingModel:
         self.cache = torch.full((num_slots,), -1, dtype=torch.long)
 
     def forward(self, input_ids, positions, meta):
+        if self.fail is not None and self.fail.random() < 0.03:
+            raise RuntimeError("injected failure before the KV writes")
         self.cache[meta.slot_mapping] = input_ids
+        if self.fail is not None and self.fail.random() < 0.03:
+            raise RuntimeError("injected failure after the KV writes")
         bs = meta.block_size
         starts = meta.query_start.tolist()
         seq_lens = meta.seq_lens.tolist()
@@ -79,10 +84,13 @@ class Stream:
         self.events: list[TokenEvent] = []
         self.request_id = ""
         self.aborted = False
+        self.after_end: list[TokenEvent] = []
 
     def __call__(self, event: TokenEvent) -> None:
-        assert not (self.events and self.events[-1].finished), f"an event after the end: {event}"
-        self.events.append(event)
+        if self.events and self.events[-1].finished:
+            self.after_end.append(event)  # (checked by check_stream: raising here would only be logged)
+        else:
+            self.events.append(event)
 
     @property
     def tokens(self) -> list[int]:
@@ -127,9 +135,9 @@ def check_blocks(engine: Engine) -> None:
     assert len(set(rows)) == len(rows) and not set(rows) & set(engine.scheduler.free_rows)
 
 
-def check_stream(s: Stream, max_context: int, stop_ids: frozenset[int]) -> None:
+def check_stream(s: Stream, max_context: int, stop_ids: frozenset[int], failures: bool = False) -> None:
     final = s.final
-    assert final is not None and sum(e.finished for e in s.events) == 1
+    assert final is not None and sum(e.finished for e in s.events) == 1 and not s.after_end, s.after_end
     out = s.tokens
     for i, t in enumerate(out):
         assert t == next_token(s.prompt + out[:i]), f"{s.request_id}: token {i} is not its history's"
@@ -139,10 +147,29 @@ def check_stream(s: Stream, max_context: int, stop_ids: frozenset[int]) -> None:
     elif reason is FinishReason.LENGTH:
         assert len(out) == s.params.max_new_tokens or len(s.prompt) + len(out) == max_context, (len(out), s.params)
         assert final.completion_tokens == len(out)
+    elif reason is FinishReason.ERROR:
+        assert failures and "injected" in final.error, final
     else:
         assert reason is FinishReason.CANCELLED and s.aborted, final
         nxt = len(out)
         assert nxt < s.params.max_new_tokens and len(s.prompt) + nxt < max_context
+
+
+class LateError:
+    """Sampled tokens whose read fails, as an error the device reports only when the step's tokens are read."""
+
+    def tolist(self):
+        raise RuntimeError("injected device error")
+
+
+def late_failures(engine: Engine, rng: random.Random) -> None:
+    sample = engine.sampler.sample
+
+    def failing_sample(*args, **kwargs):
+        tokens = sample(*args, **kwargs)
+        return LateError() if rng.random() < 0.03 else tokens
+
+    engine.sampler.sample = failing_sample
 
 
 CONFIGS = {
@@ -150,6 +177,8 @@ CONFIGS = {
     "async": dict(async_scheduling=True),
     "async-alternating": dict(async_scheduling=True, mixed_steps=False),
     "async-static": dict(async_scheduling=True, static_decode=True),
+    "sync-failures": dict(async_scheduling=False),
+    "async-failures": dict(async_scheduling=True),
 }
 
 
@@ -159,9 +188,12 @@ def test_kv_trace_fuzz(mode, seed):
     rng = random.Random(seed * 1000 + len(mode))
     bs = rng.choice([2, 4, 8])
     config = EngineConfig(block_size=bs, max_running=rng.choice([3, 6]), max_context=rng.choice([24, 48, 64]),
-                          num_blocks=rng.choice([12, 20, 40]) * 8 // bs, prefill_chunk=rng.choice([3, 8, 16]),
+                          num_blocks=rng.choice([6, 12, 20, 40]) * 8 // bs, prefill_chunk=rng.choice([3, 8, 16]),
                           max_step_tokens=rng.choice([7, 12, 20]), max_queue=64, **CONFIGS[mode])
-    engine = driven_engine(config)
+    failures = mode.endswith("failures")
+    engine = driven_engine(config, TracingModel(fail=random.Random(seed) if failures else None))
+    if failures:
+        late_failures(engine, random.Random(seed + 1))
     max_ctx = engine.max_context
     stop_ids = frozenset(rng.sample(range(VOCAB), 2))
     sessions: dict[str, list[int]] = {}  # session -> what the client has seen of it (prompt + replies)
@@ -222,7 +254,7 @@ def test_kv_trace_fuzz(mode, seed):
     loop_once(engine)  # (a step still in flight for a row that finished: its token is dropped)
     assert engine._in_flight is None and not engine.scheduler.has_work
     for s in streams:
-        check_stream(s, max_ctx, frozenset() if s.params.ignore_eos else stop_ids)
+        check_stream(s, max_ctx, frozenset() if s.params.ignore_eos else stop_ids, failures)
     assert engine.blocks.num_in_use == len(engine.blocks.tails)
     assert engine._queued == 0
 
@@ -306,3 +338,26 @@ def test_seeded_sampling_fuzz_equals_the_request_alone(mode, seed):
             assert s.tokens == alone(s.prompt, s.params), s.params
             compared += 1
     assert compared > 20
+
+
+def test_a_late_device_error_does_not_end_a_request_twice():
+    """Async: a request cancelled while its step is in flight has its end; if reading that step's tokens then
+    fails, the step's other requests end with the error, and the cancelled one gets nothing more."""
+    engine = driven_engine(EngineConfig(block_size=4, max_running=4, max_context=64, num_blocks=40,
+                                        prefill_chunk=16, max_step_tokens=24, async_scheduling=True))
+    streams = [Stream([1, 2, 3 + i], SamplingParams(max_new_tokens=20), None) for i in range(2)]
+    for s in streams:
+        s.request_id = engine.submit(s.prompt, s.params, s)
+    loop_once(engine)
+    loop_once(engine)
+    assert engine._in_flight is not None and len(streams[0].tokens) == 1
+    engine._in_flight.tokens = LateError()
+    streams[0].aborted = True
+    engine.abort(streams[0].request_id)
+    loop_once(engine)
+    while engine._in_flight is not None or engine.scheduler.has_work:
+        loop_once(engine)
+    assert streams[0].final.finish_reason is FinishReason.CANCELLED and not streams[0].after_end
+    assert streams[1].final.finish_reason is FinishReason.ERROR and not streams[1].after_end
+    check_blocks(engine)
+    assert engine.blocks.num_in_use == 0
