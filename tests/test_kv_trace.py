@@ -196,13 +196,14 @@ def test_kv_trace_fuzz(mode, seed):
         late_failures(engine, random.Random(seed + 1))
     max_ctx = engine.max_context
     stop_ids = frozenset(rng.sample(range(VOCAB), 2))
+    names = [f"s{i}" for i in range(rng.choice([4, 24]))]  # 24: more warm tails than the pool has blocks
     sessions: dict[str, list[int]] = {}  # session -> what the client has seen of it (prompt + replies)
     busy: set[str] = set()
     streams: list[Stream] = []
     live: list[Stream] = []
     for step in range(300):
         for _ in range(rng.choice([0, 0, 0, 1, 1, 2])):  # arrivals
-            session = rng.choice([None, "a", "b", "c", "d"])
+            session = rng.choice([None] + names)
             if session in busy:
                 session = None
             base = sessions.get(session, []) if session else []
@@ -234,7 +235,7 @@ def test_kv_trace_fuzz(mode, seed):
             victim.aborted = True
             engine.abort(victim.request_id)
         if rng.random() < 0.03:
-            engine.release_session(rng.choice("abcd"))
+            engine.release_session(rng.choice(names))
         loop_once(engine)
         check_blocks(engine)
         for s in list(live):
