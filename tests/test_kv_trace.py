@@ -8,6 +8,9 @@ each changes the hash). The reference is the hash of (prompt + the tokens the cl
 
 The engine thread is not started: the test drives the loop body (inbox, step) itself, so arrivals, aborts,
 releases and preemptions land between chosen steps, reproducibly, and the bookkeeping is checked after every step.
+Variants inject failures (a forward pass raising before or after its KV writes, a token read failing late) and,
+with sampled logits (bf16-rounded, so they tie as a real model's do), check that a seeded request samples exactly
+what it samples alone.
 """
 from __future__ import annotations
 
