@@ -163,6 +163,8 @@ class BlockManager:
     def free(self, req: Request, keep_tail: bool = True) -> None:
         """Release ``req``'s blocks. Its partial last block becomes its session's tail if ``keep_tail``."""
         bs = self.block_size
+        if keep_tail:  # (async scheduling: the step that computed its last blocks may not have been completed yet)
+            self.on_computed(req)
         last_full = req.num_computed // bs
         for idx, bid in enumerate(req.block_ids):
             partial = idx == last_full and req.num_computed > idx * bs

@@ -337,7 +337,8 @@ class Engine:
             for req in sampled:
                 req.in_flight -= 1
             for req in step.requests:
-                self._finish(req, FinishReason.ERROR, error=f"generation failed: {exc!r}")
+                if req.status is not RequestStatus.FINISHED:  # (aborted, or stopped a step ago: it has its end)
+                    self._finish(req, FinishReason.ERROR, error=f"generation failed: {exc!r}")
             return
         computed = time.perf_counter()
         for req in step.requests:

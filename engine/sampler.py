@@ -47,6 +47,14 @@ def noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, drawn: torch.Tensor, tok
     return -torch.log(u)
 
 
+def _order_key(logits: torch.Tensor) -> torch.Tensor:
+    """int64 [n, V], distinct within a row: ordered as the float32 logits, ties broken by the lower token id."""
+    bits = logits.contiguous().view(torch.int32).long()
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # the IEEE bits as integers in the floats' order
+    ids = torch.arange(logits.shape[-1], device=logits.device)
+    return ordered * (1 << 32) + (M32 - ids)
+
+
 class Sampler:
     """Samples one token per row from ``logits`` [n, V] in one batched pass (see the module docstring)."""
 
@@ -127,8 +135,12 @@ class Sampler:
         """HF's order: temperature, top-k, then top-p and min-p on the renormalised top-k distribution; then an
         exponential race (argmax p/E, E ~ Exp(1)), which draws from the renormalised distribution."""
         vocab = logits.shape[-1]
-        # top-k needs only the k best (cheap on 152K vocabularies); without it, a full sort
-        top, order = logits.topk(k, dim=-1) if k < vocab else logits.sort(dim=-1, descending=True)
+        # top-k needs only the k best (cheap on 152K vocabularies); without it, a full sort. Both rank by a unique
+        # key (the logit, then the lower token id), so tied logits (common in bf16) come in the same order whatever
+        # k the batch asks for: which tie falls inside a row's top-k or top-p is the row's alone.
+        key = _order_key(logits)
+        order = key.topk(k, dim=-1).indices if k < vocab else key.sort(dim=-1, descending=True).indices
+        top = logits.gather(1, order)
         temp = fp[:, _TEMP:_TEMP + 1]
         temp = torch.where(temp > 0, temp, torch.ones_like(temp))  # greedy rows: their draw is not used
         ranks = torch.arange(k, device=logits.device).unsqueeze(0)
