@@ -272,7 +272,7 @@ class GrammarCompiler:
             raise SchemaRefused("tools", f"the schemas make a grammar over {self.limits.max_grammar_chars} characters")
         key = (text, tuple(prefix))
         with self._lock:
-            if (hit := self._cache.get(key)) is not None:
+            if (hit := self._cache.get(key)) is not None and not hit.failed:
                 self._cache.move_to_end(key)
                 return hit
         try:

@@ -144,9 +144,9 @@ def grammar_cache(settings: Any, loaded: Any) -> Callable[[str, tuple[int, ...]]
 
     def compile_grammar(text: str, prefix: tuple[int, ...]) -> Any:
         key = (text, prefix)
-        if key in cache:
+        if (hit := cache.get(key)) is not None and not hit.failed:  # a failed one is compiled afresh
             cache.move_to_end(key)
-            return cache[key]
+            return hit
         grammar = cache[key] = Grammar(tokenizer, text, prefix)
         if len(cache) > GRAMMARS_KEPT:
             cache.popitem(last=False)

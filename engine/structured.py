@@ -97,9 +97,12 @@ class Grammar:
         self.prefix = tuple(prefix)
         self.vocab_size = tokenizer.vocab_size
         self._template = matcher
+        # Set when a request's matcher failed: every copy shares the template's lexer state, which a lexer limit
+        # (too many expressions) leaves exhausted for all later copies too. Caches compile such a grammar afresh.
+        self.failed = False
 
     def matcher(self) -> RowMatcher:
-        return RowMatcher(self._template.deep_copy())
+        return RowMatcher(self._template.deep_copy(), self)
 
     def __repr__(self) -> str:
         return f"Grammar({len(self.text)} chars, prefix {len(self.prefix)} tokens)"
@@ -108,10 +111,11 @@ class Grammar:
 class RowMatcher:
     """One request's position in its grammar. Masks come from ``MaskBatch.fill``; ``accept`` advances it."""
 
-    __slots__ = ("ll",)
+    __slots__ = ("ll", "grammar")
 
-    def __init__(self, ll: LLMatcher) -> None:
+    def __init__(self, ll: LLMatcher, grammar: Grammar) -> None:
         self.ll = ll
+        self.grammar = grammar
 
     def accept(self, token_id: int) -> bool:
         """Advance by the sampled token; False when the grammar refuses it (the matcher is then in error)."""
@@ -124,7 +128,11 @@ class RowMatcher:
 
     @property
     def error(self) -> str | None:
-        return first_line(self.ll.get_error()) if self.ll.is_error() else None
+        """Why the matcher failed, or None. A failure marks its grammar (see ``Grammar.failed``)."""
+        if not self.ll.is_error():
+            return None
+        self.grammar.failed = True
+        return first_line(self.ll.get_error())
 
     def allows(self, token_id: int) -> bool:
         """Whether the next token may be ``token_id`` (without advancing; for tests and checks)."""

@@ -257,3 +257,44 @@ def test_auto_with_a_json_answer_is_calls_or_the_document(grammar_compiler, gram
             kinds.add("answer")
             validate_json_text(text, schema)
     assert kinds == {"calls", "answer"}
+
+
+# Passes the pricing (3 x 300) but its lexer runs out of expressions mid-stream for some random strings; llguidance
+# shares that lexer state between every copy of a compiled grammar, so later requests failed at their first token.
+EXHAUSTING = {"type": "object", "required": ["a"],
+              "properties": {"a": {"type": "string", "pattern": "^[a-z]{1,300}[a-z]{1,300}[a-z]{1,300}$",
+                                   "maxLength": 999}}}
+
+
+def _walk_until_failure(grammar, stop_ids) -> bool:
+    for seed in range(40):
+        try:
+            walk(grammar, stop_ids, random.Random(seed), max_steps=2_000, stop_bias=0.0)
+        except AssertionError:
+            return True
+    return False
+
+
+def test_a_grammar_whose_matcher_failed_is_compiled_afresh(grammar_tokenizer, tiny_tokenizer):
+    """Both caches (the server's compiler; the engine process's, which gets the grammar's text)."""
+    from types import SimpleNamespace
+
+    from engine.core_process import grammar_cache
+
+    compiler = GrammarCompiler(grammar_tokenizer)
+    fmt = ResponseFormat("json_schema", EXHAUSTING)
+    loaded = SimpleNamespace(tokenizer=tiny_tokenizer, stop_token_ids=frozenset(grammar_tokenizer.stop_token_ids),
+                             paged_model=SimpleNamespace(vocab_size=grammar_tokenizer.vocab_size))
+    in_process = grammar_cache(SimpleNamespace(structured_outputs="on"), loaded)
+    text = compiler.compile([], ToolChoice(), fmt).text
+    for name, get in (("thread", lambda: compiler.compile([], ToolChoice(), fmt)),
+                      ("process", lambda: in_process(text, ()))):
+        grammar = get()
+        assert get() is grammar, name  # compiled once, then reused
+        assert _walk_until_failure(grammar, grammar_tokenizer.stop_token_ids), f"{name}: no seed hit the lexer limit"
+        assert grammar.failed
+        fresh = get()
+        assert fresh is not grammar and not fresh.failed, name
+        # the next request's matcher starts from a fresh lexer: its first steps go as in a grammar never used
+        walk(fresh, grammar_tokenizer.stop_token_ids, random.Random(0), max_steps=20, stop_bias=0.0)
+        assert get() is fresh, name
