@@ -30,13 +30,13 @@ from http_guard import BodyError, HostGuard, read_json_body, uvicorn_options
 from jsonrpc import Dispatcher, RpcError, validation_details
 from limits import max_token_chars, too_many_tools, tools_problem
 from metrics import Metrics
+from model_source import check_model_source
 from models import CreateSessionRequest, CreateSessionResponse, ErrorCode
 from openai_api import chat_completions, list_models
 from session_socket import GOING_AWAY, METHODS, REPLICA_HEADER, ws_session
 from session_store import SessionStore, StoreError, committed
 from sessions import SessionRegistry, dump_tools
-from shared import (ConfigError, LoadedModel, Runtime, Settings, check_model_source, engine_config, load_model,
-                    setup_logging)
+from shared import ConfigError, LoadedModel, Runtime, Settings, engine_config, load_model, setup_logging
 from workers import off_loop
 
 if TYPE_CHECKING:

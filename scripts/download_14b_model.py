@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # shared.py: the hub's errors, explained
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # model_source.py: the hub's errors, explained
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-14B-Instruct"
 CPU_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -56,7 +56,7 @@ def download(model_id: str, local_dir: Path) -> str | None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import logging as hub_logging
 
-    from shared import OFFLINE_NEXT_STEP, hub_problem
+    from model_source import OFFLINE_NEXT_STEP, hub_problem
 
     hub_logging.set_verbosity_error()  # its retry warnings would bury the one message that matters
     try:

@@ -14,7 +14,8 @@ import pytest
 from huggingface_hub import errors
 
 from conftest import REPO_ROOT
-from shared import OFFLINE_NEXT_STEP, ConfigError, Settings, check_model_source, hub_problem
+from model_source import OFFLINE_NEXT_STEP, check_model_source, hub_problem
+from shared import ConfigError, Settings
 
 CLOSED_PORT_HUB = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_DISABLE_TELEMETRY": "1"}  # nothing listens on 9
 

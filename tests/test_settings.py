@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from shared import ConfigError, Settings, check_model_source, session_var, setup_logging, task_var
+from model_source import check_model_source
+from shared import ConfigError, Settings, session_var, setup_logging, task_var
 from conftest import REPO_ROOT
 
 
